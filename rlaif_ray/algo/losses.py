@@ -1,0 +1,295 @@
+"""The GRPO_rank policy loss: clipped surrogate, KL to the reference, entropy bonus.
+
+Pure torch, no Ray, no I/O. Shapes: per-token tensors are [B, T] (B sequences, T answer
+tokens, right-padded), ``mask`` is 1 for real answer tokens and 0 for padding, and
+advantages are [B], one per sequence, broadcast over its tokens.
+
+With ``rho_t = exp(log pi(a_t) - log pi_old(a_t))`` and sequence advantage ``A``::
+
+    pg_t   = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A)
+    loss_t = pg_t + kl_coef * kl_t - entropy_coef * entropy_t
+    loss   = aggregate(loss_t, mask, aggregation)
+
+Plain GRPO (DeepSeekMath) is this loss with ``score`` advantages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+__all__ = [
+    "AGGREGATIONS",
+    "KL_ESTIMATORS",
+    "LOG_RATIO_CLAMP",
+    "aggregate",
+    "grpo_loss",
+    "kl_k1",
+    "kl_k3",
+    "kl_penalty",
+    "register_aggregation",
+    "register_kl",
+    "seq_mean_token_mean",
+    "token_mean",
+]
+
+LOG_RATIO_CLAMP = 20.0
+"""Log-ratios are clamped to +-this before ``exp`` so that one stray token cannot give inf/NaN."""
+
+KlFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+AggFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+KL_ESTIMATORS: dict[str, KlFn] = {}
+"""Name -> per-token KL(pi || pi_ref) estimator ``fn(logprobs, ref_logprobs) -> [B, T]``."""
+
+AGGREGATIONS: dict[str, AggFn] = {}
+"""Name -> ``fn(values [B, T], mask [B, T]) -> scalar``."""
+
+
+def register_kl(name: str) -> Callable[[KlFn], KlFn]:
+    """Register a per-token KL estimator under ``name``."""
+
+    def decorator(fn: KlFn) -> KlFn:
+        if name in KL_ESTIMATORS:
+            raise ValueError(f"KL estimator {name!r} is already registered")
+        KL_ESTIMATORS[name] = fn
+        return fn
+
+    return decorator
+
+
+def register_aggregation(name: str) -> Callable[[AggFn], AggFn]:
+    """Register a masked aggregation ``[B, T] -> scalar`` under ``name``."""
+
+    def decorator(fn: AggFn) -> AggFn:
+        if name in AGGREGATIONS:
+            raise ValueError(f"aggregation {name!r} is already registered")
+        AGGREGATIONS[name] = fn
+        return fn
+
+    return decorator
+
+
+# --------------------------------------------------------------------------- KL estimators
+
+
+@register_kl("k1")
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k1 = ``log pi - log pi_ref``: unbiased for KL(pi || pi_ref) under samples of pi, can be negative."""
+    return logprobs - ref_logprobs
+
+
+@register_kl("k3")
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k3 = ``exp(d) - d - 1`` with ``d = log pi_ref - log pi`` (Schulman's estimator).
+
+    Unbiased for KL(pi || pi_ref) under samples of pi and never negative (``e^d >= 1 + d``).
+    Computed as ``expm1(d) - d`` (accurate for small d), floored at 0 against rounding;
+    ``d`` is clamped to +-LOG_RATIO_CLAMP before ``exp``.
+    """
+    d = (ref_logprobs - logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return (torch.expm1(d) - d).clamp_min(0.0)
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token KL penalty with the named estimator (``k1`` or ``k3``); ValueError for unknown names."""
+    try:
+        fn = KL_ESTIMATORS[estimator]
+    except KeyError:
+        known = ", ".join(sorted(KL_ESTIMATORS))
+        raise ValueError(f"unknown kl_estimator {estimator!r}; known: {known}") from None
+    if logprobs.shape != ref_logprobs.shape:
+        raise ValueError(
+            f"ref_logprobs shape {tuple(ref_logprobs.shape)} != logprobs shape {tuple(logprobs.shape)}"
+        )
+    return fn(logprobs, ref_logprobs)
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def _masked(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values with padding set to 0 (so NaN/inf in padding cannot leak) and the mask as values' dtype."""
+    keep = mask.bool()
+    return torch.where(keep, values, torch.zeros_like(values)), keep.to(values.dtype)
+
+
+@register_aggregation("token_mean")
+def token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``sum_{b,t} m_bt v_bt / sum_{b,t} m_bt``: every real token in the batch weighs the same.
+
+    An all-padding batch gives 0 (still connected to the graph).
+    """
+    v, m = _masked(values, mask)
+    return v.sum() / m.sum().clamp_min(1.0)
+
+
+@register_aggregation("seq_mean_token_mean")
+def seq_mean_token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``mean_{b in S} (sum_t m_bt v_bt / sum_t m_bt)``, S = sequences with at least one real token.
+
+    Every sequence weighs the same whatever its length; empty sequences are left out, and
+    a batch with no real tokens gives 0.
+    """
+    v, m = _masked(values, mask)
+    lengths = m.sum(dim=-1)
+    per_seq = v.sum(dim=-1) / lengths.clamp_min(1.0)
+    present = (lengths > 0).to(values.dtype)
+    return (per_seq * present).sum() / present.sum().clamp_min(1.0)
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean") -> torch.Tensor:
+    """Reduce per-token ``values`` [B, T] under ``mask`` [B, T] to a scalar with the named mode."""
+    try:
+        fn = AGGREGATIONS[mode]
+    except KeyError:
+        known = ", ".join(sorted(AGGREGATIONS))
+        raise ValueError(f"unknown aggregation {mode!r}; known: {known}") from None
+    if values.dim() != 2 or values.shape != mask.shape:
+        raise ValueError(
+            f"values and mask must both be [B, T], got {tuple(values.shape)} and {tuple(mask.shape)}"
+        )
+    return fn(values, mask)
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+def _check_like(name: str, x: torch.Tensor | None, shape: torch.Size) -> None:
+    if x is None:
+        return
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.shape != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)} like logprobs, got {tuple(x.shape)}")
+
+
+def _check_args(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    entropy: torch.Tensor | None,
+    eps_low: float,
+    eps_high: float,
+    kl_coef: float,
+    entropy_coef: float,
+    aggregation: str,
+    kl_estimator: str,
+) -> None:
+    if not isinstance(logprobs, torch.Tensor) or logprobs.dim() != 2:
+        shape = tuple(logprobs.shape) if isinstance(logprobs, torch.Tensor) else type(logprobs).__name__
+        raise ValueError(f"logprobs must be a [B, T] tensor, got {shape}")
+    shape = logprobs.shape
+    _check_like("old_logprobs", old_logprobs, shape)
+    _check_like("ref_logprobs", ref_logprobs, shape)
+    _check_like("mask", mask, shape)
+    _check_like("entropy", entropy, shape)
+    if not isinstance(advantages, torch.Tensor) or advantages.shape != shape[:1]:
+        got = tuple(advantages.shape) if isinstance(advantages, torch.Tensor) else type(advantages).__name__
+        raise ValueError(f"advantages must have shape ({shape[0]},), one per sequence, got {got}")
+    if not 0.0 <= eps_low < 1.0:
+        raise ValueError(f"eps_low must be in [0, 1), got {eps_low}")
+    if not eps_high >= 0.0:
+        raise ValueError(f"eps_high must be >= 0, got {eps_high}")
+    if not kl_coef >= 0.0:
+        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+    if kl_coef > 0.0 and ref_logprobs is None:
+        raise ValueError("ref_logprobs is required when kl_coef > 0")
+    if entropy_coef != 0.0 and entropy is None:
+        raise ValueError(f"entropy is required when entropy_coef != 0 (got entropy_coef={entropy_coef})")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; known: {', '.join(sorted(AGGREGATIONS))}")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown kl_estimator {kl_estimator!r}; known: {', '.join(sorted(KL_ESTIMATORS))}")
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    aggregation: str = "token_mean",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped GRPO surrogate with KL penalty and entropy bonus; returns ``(loss, stats)``.
+
+    Per token, with ``rho = exp(logprobs - old_logprobs)`` and A the sequence's advantage::
+
+        pg   = -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A)
+        loss = pg + kl_coef * kl_penalty(logprobs, ref_logprobs, kl_estimator) - entropy_coef * entropy
+
+    then ``aggregate(loss, mask, aggregation)``. Gradients flow through ``logprobs`` (and
+    ``entropy``); ``old_logprobs``, ``ref_logprobs`` and ``advantages`` are constants.
+    Where the clipped term is chosen (A > 0 and rho > 1 + eps_high, or A < 0 and
+    rho < 1 - eps_low) the token's gradient is zero. Log-ratios are clamped to
+    +-LOG_RATIO_CLAMP. Computation is in at least float32.
+
+    ``ref_logprobs`` may be None when ``kl_coef == 0``; if given, the KL is reported.
+
+    Stats (python floats): ``loss``, ``pg_loss`` (aggregated like the loss), ``clip_frac``
+    (share of real tokens where the clipped term was chosen and differs), ``ratio_mean``
+    and ``ratio_max`` over real tokens, ``kl`` (token-mean over real tokens, when
+    ``ref_logprobs`` is given) and ``entropy`` (token mean, when given).
+    """
+    _check_args(
+        logprobs,
+        old_logprobs,
+        ref_logprobs,
+        advantages,
+        mask,
+        entropy,
+        eps_low,
+        eps_high,
+        kl_coef,
+        entropy_coef,
+        aggregation,
+        kl_estimator,
+    )
+    dtype = torch.promote_types(logprobs.dtype, torch.float32)
+    logp = logprobs.to(dtype)
+    old = old_logprobs.detach().to(dtype)
+    adv = advantages.detach().to(dtype).unsqueeze(-1)
+    keep = mask.bool()
+
+    log_ratio = (logp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    surr = ratio * adv
+    surr_clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv
+    pg = -torch.minimum(surr, surr_clipped)
+    per_token = pg
+
+    kl = None
+    if ref_logprobs is not None:
+        kl = kl_penalty(logp, ref_logprobs.detach().to(dtype), kl_estimator)
+        if kl_coef > 0.0:
+            per_token = per_token + kl_coef * kl
+    if entropy is not None and entropy_coef != 0.0:
+        per_token = per_token - entropy_coef * entropy.to(dtype)
+
+    loss = aggregate(per_token, mask, aggregation)
+
+    with torch.no_grad():
+        n_real = keep.sum()
+        clipped = (surr_clipped < surr) & keep
+        stats: dict[str, float] = {
+            "loss": loss.item(),
+            "pg_loss": aggregate(pg, mask, aggregation).item(),
+            "clip_frac": (clipped.sum() / n_real.clamp_min(1)).item(),
+            "ratio_mean": token_mean(ratio, mask).item(),
+            "ratio_max": ratio[keep].max().item() if n_real > 0 else 0.0,
+        }
+        if kl is not None:
+            stats["kl"] = token_mean(kl, mask).item()
+        if entropy is not None:
+            stats["entropy"] = token_mean(entropy.to(dtype), mask).item()
+    return loss, stats

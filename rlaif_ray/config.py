@@ -1,0 +1,411 @@
+"""One typed configuration for every stage, loaded from YAML with ``key=value`` overrides.
+
+``load_config("configs/default.yaml", ["rl.steps=5", "rollout.num_actors=2"])`` reads the file,
+applies the overrides (nested keys with dots, values parsed as YAML scalars), checks every key
+and type against the dataclasses below and validates the values. Any mistake raises
+:class:`ConfigError` naming the key, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key, type or value that cannot be used."""
+
+
+@dataclass
+class DataConfig:
+    """Where the video-QA data lives (JSONL files, see ``rlaif_ray.data.dataset``)."""
+
+    train: str = "data/synthetic/train.jsonl"
+    val: str = "data/synthetic/val.jsonl"
+    test: str = "data/synthetic/test.jsonl"
+    # When the files are missing, generate the synthetic task into this folder (None: never).
+    synthetic_dir: str | None = "data/synthetic"
+    synthetic_videos: int = 400
+    synthetic_seed: int = 0
+    # A bad JSONL line: "raise" stops, "skip" drops it and counts it.
+    on_bad_line: Literal["raise", "skip"] = "skip"
+
+
+@dataclass
+class ModelConfig:
+    """The policy: frozen open_clip encoder -> projector -> causal LM with LoRA adapters."""
+
+    # A folder written by ``python -m rlaif_ray.models.tiny`` or laid out the same way for real
+    # checkpoints (see README). Built on first use when missing and ``build_tiny_if_missing``.
+    path: str = "checkpoints/tiny"
+    build_tiny_if_missing: bool = True
+    num_frames: int = 8
+    # "patch": VLM-RLAIF spatio-temporal pooling (T frame tokens + P patch tokens);
+    # "pooled": one pooled embedding per frame.
+    visual_tokens: Literal["patch", "pooled"] = "patch"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_prompt_tokens: int = 64
+
+
+@dataclass
+class SFTConfig:
+    """Supervised warm start of projector + LoRA on the train split."""
+
+    enabled: bool = True
+    output_dir: str = "checkpoints/sft"
+    # Reuse ``output_dir`` when it already holds a finished checkpoint.
+    reuse: bool = True
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    zero_stage: int = 2
+    eval_every: int = 100
+    log_every: int = 20
+
+
+@dataclass
+class RolloutConfig:
+    """Rollout actors that sample a group of answers per prompt."""
+
+    engine: Literal["hf", "vllm"] = "hf"
+    num_actors: int = 1
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 6
+    # vLLM only (GPU): see rlaif_ray/rollout/vllm_engine.py.
+    vllm_gpu_memory_utilization: float = 0.85
+    vllm_max_lora_rank: int = 64
+    vllm_tensor_parallel_size: int = 1
+    vllm_enforce_eager: bool = False
+    adapter_dir: str = "/tmp/rlaif_ray_adapters"
+
+
+@dataclass
+class RankerConfig:
+    """The Oracle-ranker pool and its backend."""
+
+    backend: Literal["ground_truth", "judge", "openai"] = "ground_truth"
+    min_actors: int = 1
+    max_actors: int = 2
+    # Groups waiting per ranker actor above which the pool grows by one actor.
+    scale_up_backlog: int = 4
+    num_cpus_per_actor: float = 0.5
+    # Custom resource each ranker actor asks for, so the autoscaler can add ranker nodes.
+    resource: str = "ranker"
+    max_retries: int = 2
+    # When every attempt returned an invalid ordering: "tie" ranks the group all-tied (zero
+    # advantage, it is skipped and counted); "drop" discards the group (also counted).
+    fallback: Literal["tie", "drop"] = "tie"
+    # judge backend: a local causal LM folder (transformers).
+    judge_model_path: str | None = None
+    judge_max_new_tokens: int = 24
+    # openai backend: any OpenAI-compatible chat-completions endpoint.
+    openai_base_url: str = "http://127.0.0.1:8000/v1"
+    openai_model: str = "judge"
+    openai_api_key_env: str = "OPENAI_API_KEY"
+    openai_timeout_s: float = 30.0
+    openai_max_concurrency: int = 4
+    openai_backoff_s: float = 0.5
+    openai_temperature: float = 0.0
+
+
+@dataclass
+class AlgoConfig:
+    """GRPO_rank: advantage mapping and the clipped, KL-regularised loss."""
+
+    advantage: Literal["dcg", "dcg_std", "linear", "score"] = "dcg"
+    scale_by_std: bool = False
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    kl_coef: float = 0.02
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    entropy_coef: float = 0.0
+    aggregation: Literal["token_mean", "seq_mean_token_mean"] = "token_mean"
+    # Drop groups whose advantages are all zero (all-tied): they carry no signal.
+    skip_tied_groups: bool = True
+
+
+@dataclass
+class LearnerConfig:
+    """The DeepSpeed learner actor(s)."""
+
+    num_actors: int = 1
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    zero_stage: int = 2
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    micro_batch_size: int = 64
+    # Optimisation passes over each batch (1: strictly on-policy, ratio == 1 at the first step).
+    epochs_per_batch: int = 1
+    backend: Literal["gloo", "nccl"] = "gloo"
+
+
+@dataclass
+class RLConfig:
+    """The GRPO_rank loop."""
+
+    steps: int = 60
+    prompts_per_step: int = 16
+    group_size: int = 5
+    eval_every: int = 20
+    # Held-out examples used by each evaluation (0: the whole split).
+    eval_examples: int = 0
+    # How many weight versions a rollout may lag behind the learner.
+    max_staleness: int = 1
+    checkpoint_every: int = 20
+
+
+@dataclass
+class Config:
+    """Everything a run needs; ``rlaif_ray.launch`` threads it through every actor."""
+
+    seed: int = 0
+    run_dir: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    ranker: RankerConfig = field(default_factory=RankerConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' = {value!r}: expected {expected}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check the values that the types alone cannot (ranges, relations between keys)."""
+    positive_ints = [
+        ("data.synthetic_videos", cfg.data.synthetic_videos),
+        ("model.num_frames", cfg.model.num_frames),
+        ("model.lora_r", cfg.model.lora_r),
+        ("model.lora_alpha", cfg.model.lora_alpha),
+        ("model.max_prompt_tokens", cfg.model.max_prompt_tokens),
+        ("sft.batch_size", cfg.sft.batch_size),
+        ("sft.eval_every", cfg.sft.eval_every),
+        ("sft.log_every", cfg.sft.log_every),
+        ("rollout.num_actors", cfg.rollout.num_actors),
+        ("rollout.max_new_tokens", cfg.rollout.max_new_tokens),
+        ("rollout.vllm_max_lora_rank", cfg.rollout.vllm_max_lora_rank),
+        ("rollout.vllm_tensor_parallel_size", cfg.rollout.vllm_tensor_parallel_size),
+        ("ranker.min_actors", cfg.ranker.min_actors),
+        ("ranker.max_actors", cfg.ranker.max_actors),
+        ("ranker.scale_up_backlog", cfg.ranker.scale_up_backlog),
+        ("ranker.judge_max_new_tokens", cfg.ranker.judge_max_new_tokens),
+        ("ranker.openai_max_concurrency", cfg.ranker.openai_max_concurrency),
+        ("learner.num_actors", cfg.learner.num_actors),
+        ("learner.micro_batch_size", cfg.learner.micro_batch_size),
+        ("learner.epochs_per_batch", cfg.learner.epochs_per_batch),
+        ("rl.prompts_per_step", cfg.rl.prompts_per_step),
+        ("rl.eval_every", cfg.rl.eval_every),
+        ("rl.checkpoint_every", cfg.rl.checkpoint_every),
+    ]
+    for key, value in positive_ints:
+        _check(value >= 1, key, value, "an integer >= 1")
+    non_negative = [
+        ("sft.steps", cfg.sft.steps),
+        ("sft.weight_decay", cfg.sft.weight_decay),
+        ("sft.warmup_steps", cfg.sft.warmup_steps),
+        ("sft.grad_clip", cfg.sft.grad_clip),
+        ("model.lora_dropout", cfg.model.lora_dropout),
+        ("rollout.num_cpus_per_actor", cfg.rollout.num_cpus_per_actor),
+        ("rollout.num_gpus_per_actor", cfg.rollout.num_gpus_per_actor),
+        ("ranker.num_cpus_per_actor", cfg.ranker.num_cpus_per_actor),
+        ("ranker.max_retries", cfg.ranker.max_retries),
+        ("ranker.openai_backoff_s", cfg.ranker.openai_backoff_s),
+        ("ranker.openai_temperature", cfg.ranker.openai_temperature),
+        ("algo.kl_coef", cfg.algo.kl_coef),
+        ("algo.entropy_coef", cfg.algo.entropy_coef),
+        ("learner.num_cpus_per_actor", cfg.learner.num_cpus_per_actor),
+        ("learner.num_gpus_per_actor", cfg.learner.num_gpus_per_actor),
+        ("learner.weight_decay", cfg.learner.weight_decay),
+        ("learner.grad_clip", cfg.learner.grad_clip),
+        ("rl.steps", cfg.rl.steps),
+        ("rl.eval_examples", cfg.rl.eval_examples),
+        ("rl.max_staleness", cfg.rl.max_staleness),
+    ]
+    for key, value in non_negative:
+        _check(value >= 0, key, value, "a value >= 0")
+    for key, value in [("sft.lr", cfg.sft.lr), ("learner.lr", cfg.learner.lr)]:
+        _check(value > 0, key, value, "a learning rate > 0")
+    for key, value in [("algo.eps_low", cfg.algo.eps_low), ("algo.eps_high", cfg.algo.eps_high)]:
+        _check(0 < value, key, value, "a clip range > 0")
+    _check(cfg.algo.eps_low < 1, "algo.eps_low", cfg.algo.eps_low, "a value in (0, 1): the ratio floor is 1 - eps_low")
+    _check(cfg.model.lora_dropout < 1, "model.lora_dropout", cfg.model.lora_dropout, "a value in [0, 1)")
+    _check(cfg.rl.group_size >= 2, "rl.group_size", cfg.rl.group_size, "an integer >= 2 (a group needs two answers to rank)")
+    _check(cfg.rollout.temperature > 0, "rollout.temperature", cfg.rollout.temperature, "a temperature > 0")
+    _check(0 < cfg.rollout.top_p <= 1, "rollout.top_p", cfg.rollout.top_p, "a value in (0, 1]")
+    _check(
+        0 < cfg.rollout.vllm_gpu_memory_utilization <= 1,
+        "rollout.vllm_gpu_memory_utilization",
+        cfg.rollout.vllm_gpu_memory_utilization,
+        "a fraction in (0, 1]",
+    )
+    for key, value in [("sft.zero_stage", cfg.sft.zero_stage), ("learner.zero_stage", cfg.learner.zero_stage)]:
+        _check(value in (0, 1, 2, 3), key, value, "a DeepSpeed ZeRO stage: 0, 1, 2 or 3")
+    _check(
+        cfg.ranker.max_actors >= cfg.ranker.min_actors,
+        "ranker.max_actors",
+        cfg.ranker.max_actors,
+        f"an integer >= ranker.min_actors ({cfg.ranker.min_actors})",
+    )
+    _check(cfg.ranker.openai_timeout_s > 0, "ranker.openai_timeout_s", cfg.ranker.openai_timeout_s, "seconds > 0")
+    if cfg.ranker.backend == "judge":
+        _check(
+            bool(cfg.ranker.judge_model_path),
+            "ranker.judge_model_path",
+            cfg.ranker.judge_model_path,
+            "a local model folder when ranker.backend is 'judge'",
+        )
+    if cfg.learner.num_actors > 1:
+        _check(
+            cfg.rl.prompts_per_step * cfg.rl.group_size % cfg.learner.num_actors == 0,
+            "learner.num_actors",
+            cfg.learner.num_actors,
+            f"a divisor of rl.prompts_per_step * rl.group_size "
+            f"({cfg.rl.prompts_per_step * cfg.rl.group_size}) so that every learner gets an equal share",
+        )
+    if cfg.rollout.engine == "vllm":
+        _check(
+            cfg.rollout.vllm_max_lora_rank >= cfg.model.lora_r,
+            "rollout.vllm_max_lora_rank",
+            cfg.rollout.vllm_max_lora_rank,
+            f"at least model.lora_r ({cfg.model.lora_r})",
+        )
+    return cfg
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` as type ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}' = {value!r}: expected {' or '.join(_type_name(a) for a in args)}")
+    if origin is Literal:
+        _check(value in args, key, value, _type_name(tp))
+        return value
+    if origin is list:
+        _check(isinstance(value, list), key, value, f"a list of {_type_name(args[0])}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), key, value, f"a mapping of the keys of {tp.__name__}")
+        return _build(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        _check(isinstance(value, bool), key, value, "true or false")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, value, "an integer")
+        return value
+    if tp is float:
+        _check(isinstance(value, int | float) and not isinstance(value, bool), key, value, "a number")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), key, value, "a string")
+        return value
+    raise ConfigError(f"config key '{key}': unsupported type {tp!r}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"unknown config key '{prefix}{key}'; known keys here: {', '.join(sorted(known))}")
+    kwargs = {key: _coerce(prefix + key, value, hints[key]) for key, value in values.items()}
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. rl.steps=10")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set ``a.b.c=value`` entries into a nested dict (copied)."""
+    result = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = result
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a Config from a nested dict."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config must be a mapping of sections, got {type(raw).__name__}")
+    return validate(_build(Config, raw))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections at the top")
+    try:
+        return config_from_dict(apply_overrides(raw, overrides or []))
+    except ConfigError as exc:
+        where = f" (in {path})" if path is not None else ""
+        raise ConfigError(f"{exc}{where}") from None

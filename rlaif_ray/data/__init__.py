@@ -1,0 +1,1 @@
+"""Video decoding, the JSONL video-QA format, converters and the synthetic task."""

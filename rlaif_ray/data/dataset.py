@@ -1,0 +1,159 @@
+"""The project's video-QA format: JSONL, one example per line.
+
+Each line is a JSON object with the keys
+
+- ``video`` (required): a path, relative to the JSONL file's folder or absolute;
+- ``question`` (required): the question text;
+- ``answer`` (optional): the reference answer, or null;
+- ``id`` (optional): unique in the file; defaults to ``"<file stem>-<line number>"``;
+- ``type`` (optional): the question type (e.g. ``"colour"``), for per-type accuracy.
+
+Blank lines are ignored. Any other key, a wrong type, an empty ``video`` or ``question`` or a
+repeated ``id`` makes the line bad. :func:`read_jsonl` returns the good examples together with
+one :class:`DatasetError` per bad line; :func:`load_jsonl` either raises the first error
+(``on_error="raise"``) or drops the bad lines and logs how many (``on_error="skip"``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+logger = logging.getLogger(__name__)
+
+_REQUIRED_KEYS = ("video", "question")
+_OPTIONAL_KEYS = ("id", "answer", "type")
+
+
+class DatasetError(ValueError):
+    """A bad dataset line; the message names the file, the line number and the problem."""
+
+
+@dataclass
+class VideoQAExample:
+    """One question about one video. ``video`` is an absolute path."""
+
+    id: str
+    video: str
+    question: str
+    answer: str | None = None
+    type: str | None = None
+
+
+@dataclass
+class LoadReport:
+    """What :func:`read_jsonl` found: the good examples and one error per bad line, in file order."""
+
+    examples: list[VideoQAExample] = field(default_factory=list)
+    errors: list[DatasetError] = field(default_factory=list)
+
+
+def _parse_line(line: str, folder: Path, default_id: str) -> VideoQAExample:
+    """One JSONL line -> example; raises ValueError with a message without file/line context."""
+    try:
+        record: Any = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"invalid JSON ({error})") from error
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    unknown = sorted(set(record) - set(_REQUIRED_KEYS) - set(_OPTIONAL_KEYS))
+    if unknown:
+        raise ValueError(f"unknown keys {unknown} (allowed: {[*_REQUIRED_KEYS, *_OPTIONAL_KEYS]})")
+    for key in _REQUIRED_KEYS:
+        if key not in record:
+            raise ValueError(f"missing key {key!r}")
+    for key in (*_REQUIRED_KEYS, "id"):
+        if key in record and (not isinstance(record[key], str) or not record[key].strip()):
+            raise ValueError(f"{key!r} must be a non-empty string, got {record[key]!r}")
+    for key in ("answer", "type"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            raise ValueError(f"{key!r} must be a string or null, got {record[key]!r}")
+    return VideoQAExample(
+        id=record.get("id", default_id),
+        # normpath, not resolve: keep symlinked dataset folders as the user named them.
+        video=os.path.normpath(folder / record["video"]),
+        question=record["question"],
+        answer=record.get("answer"),
+        type=record.get("type"),
+    )
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> LoadReport:
+    """Read every line of a JSONL dataset, collecting bad lines instead of raising.
+
+    Raises:
+        OSError: the file cannot be opened.
+    """
+    path = Path(os.path.abspath(path))
+    report = LoadReport()
+    line_of_id: dict[str, int] = {}
+    with path.open(encoding="utf-8") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                example = _parse_line(line, path.parent, default_id=f"{path.stem}-{number}")
+                if example.id in line_of_id:
+                    raise ValueError(f"duplicate id {example.id!r} (first on line {line_of_id[example.id]})")
+            except ValueError as error:
+                report.errors.append(DatasetError(f"{path}:{number}: {error}"))
+                continue
+            line_of_id[example.id] = number
+            report.examples.append(example)
+    return report
+
+
+def load_jsonl(
+    path: str | os.PathLike[str], on_error: Literal["raise", "skip"] = "raise"
+) -> list[VideoQAExample]:
+    """Load a JSONL dataset (format in the module docstring).
+
+    Args:
+        path: the JSONL file.
+        on_error: ``"raise"``: raise the first bad line's :class:`DatasetError`; ``"skip"``:
+            drop bad lines, logging each one and their count as warnings. Use
+            :func:`read_jsonl` to get the bad lines as data.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    report = read_jsonl(path)
+    if report.errors:
+        if on_error == "raise":
+            raise report.errors[0]
+        for error in report.errors:
+            logger.warning("skipped bad line: %s", error)
+        logger.warning(
+            "%s: skipped %d bad lines, kept %d examples", path, len(report.errors), len(report.examples)
+        )
+    return report.examples
+
+
+def save_jsonl(path: str | os.PathLike[str], examples: Iterable[VideoQAExample]) -> None:
+    """Write examples as JSONL, the inverse of :func:`load_jsonl`.
+
+    Videos inside the file's folder are written relative to it (so the folder can be moved);
+    others keep an absolute path. ``answer`` and ``type`` are omitted when None.
+    """
+    path = Path(os.path.abspath(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for example in examples:
+        video = Path(os.path.abspath(example.video))
+        record: dict[str, str] = {
+            "id": example.id,
+            "video": video.relative_to(path.parent).as_posix()
+            if video.is_relative_to(path.parent)
+            else str(video),
+            "question": example.question,
+        }
+        if example.answer is not None:
+            record["answer"] = example.answer
+        if example.type is not None:
+            record["type"] = example.type
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    path.write_text("".join(lines), encoding="utf-8")

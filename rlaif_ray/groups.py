@@ -1,0 +1,44 @@
+"""The plain record that flows between stages: one prompt and its group of sampled answers.
+
+A ``Group`` is created by a rollout actor, ranked by a ranker actor and consumed by the learner.
+It holds only plain Python data so that it crosses Ray actors, queues and JSON unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Group:
+    """G answers sampled for one video prompt, plus what each stage adds to it."""
+
+    group_id: str
+    example_id: str
+    video: str
+    question: str
+    reference: str | None
+    completions: list[str]
+    completion_ids: list[list[int]]
+    # Per-token log-probabilities of ``completion_ids`` under the policy that sampled them.
+    logprobs: list[list[float]]
+    weight_version: int
+    question_type: str | None = None
+    rollout_s: float = 0.0
+    # Filled by the ranker: 0-based ranks (0 = best, ties share the mean position).
+    ranks: list[float] | None = None
+    # Optional per-answer scores from the oracle (1.0 correct / 0.0 wrong for ground truth).
+    scores: list[float] | None = None
+    # "ok", "fallback_tie" (no valid ordering after retries: all tied) or "dropped".
+    rank_status: str = "pending"
+    rank_attempts: int = 0
+    rank_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return len(self.completions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,89 @@
+"""DeepSpeed ZeRO set-up shared by the SFT warm start and the RL learner.
+
+On the CPU, DeepSpeed runs with ``DS_ACCELERATOR=cpu`` and the gloo backend; on GPUs with nccl.
+Only the parameters that require grad (LoRA adapter + projector) reach the optimizer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for the torch.distributed rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str, rank: int = 0, world_size: int = 1, master_addr: str = "127.0.0.1",
+                     master_port: int | None = None) -> None:
+    """Join (or create) the torch.distributed group DeepSpeed trains in; a no-op when already joined."""
+    import deepspeed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if backend == "gloo" else "cuda")
+    os.environ.update({
+        "MASTER_ADDR": master_addr,
+        "MASTER_PORT": str(master_port or free_port()),
+        "RANK": str(rank),
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": "1",
+    })
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               rank=rank, world_size=world_size)
+
+
+def deepspeed_config(zero_stage: int, micro_batch_size: int, world_size: int, grad_clip: float,
+                     dtype: str = "float32") -> dict[str, Any]:
+    """The DeepSpeed JSON config (keys as documented by DeepSpeed)."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch_size * world_size,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        # A plain torch optimizer: DeepSpeed's CPU Adam would need a compiled extension.
+        "zero_force_ds_cpu_optimizer": False,
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "fp16": {"enabled": dtype == "float16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(model: nn.Module, *, lr: float, weight_decay: float, zero_stage: int, grad_clip: float,
+                 micro_batch_size: int, warmup_steps: int = 0, dtype: str = "float32") -> Any:
+    """Wrap ``model`` in a DeepSpeed engine with AdamW over its trainable parameters."""
+    import deepspeed
+
+    world_size = torch.distributed.get_world_size()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    )
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(zero_stage, micro_batch_size, world_size, grad_clip, dtype),
+    )
+    log.info("DeepSpeed ZeRO-%d engine: %d trainable tensors, world size %d", zero_stage, len(params), world_size)
+    return engine
+
+
+def set_micro_batches(engine: Any, count: int) -> None:
+    """Make the next optimizer step accumulate exactly ``count`` micro-batches on every rank."""
+    engine.set_train_batch_size(count * engine.train_micro_batch_size_per_gpu() * engine.dp_world_size)

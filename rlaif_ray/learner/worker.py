@@ -1,0 +1,204 @@
+"""The GRPO_rank learner: ranked groups -> advantages -> clipped, KL-regularised DeepSpeed update.
+
+``LearnerWorker`` is a plain class (a test builds it without Ray); ``rlaif_ray.launch`` runs one
+per learner actor, all of them forming one torch.distributed group. Every learner receives the
+same list of ranked groups, computes the same advantages, takes its own contiguous share of the
+answers and normalises its loss by the *global* token (or sequence) count, so that N learners
+take exactly the step one learner would take on the whole batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlaif_ray.algo.advantages import advantages_for
+from rlaif_ray.algo.losses import grpo_loss
+from rlaif_ray.config import Config
+from rlaif_ray.data.frames import FrameStore
+from rlaif_ray.groups import Group
+from rlaif_ray.learner.engine import build_engine, init_distributed, set_micro_batches
+from rlaif_ray.models.policy import ADAPTER_DIR, VideoLMPolicy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainRow:
+    """One sampled answer to learn from."""
+
+    video: str
+    question: str
+    completion_ids: list[int]
+    old_logprobs: list[float]
+    advantage: float
+
+
+def group_advantages(groups: list[Group], cfg: Config) -> list[list[float]]:
+    """Advantages of every answer of every group, by the method named in ``algo.advantage``.
+
+    Groups of different sizes are handled one size at a time (the estimators work on [B, G]).
+    """
+    out: list[list[float] | None] = [None] * len(groups)
+    by_size: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_size.setdefault(g.size, []).append(i)
+    for idx in by_size.values():
+        if cfg.algo.advantage == "score":
+            missing = [groups[i].group_id for i in idx if groups[i].scores is None]
+            if missing:
+                raise ValueError(f"algo.advantage 'score' needs oracle scores; groups {missing[:3]} have none")
+            adv = advantages_for("score", scores=torch.tensor([groups[i].scores for i in idx], dtype=torch.float64))
+        else:
+            adv = advantages_for(cfg.algo.advantage, ranks=torch.tensor([groups[i].ranks for i in idx],
+                                                                        dtype=torch.float64),
+                                 scale_by_std=cfg.algo.scale_by_std)
+        for row, i in zip(adv.tolist(), idx, strict=True):
+            out[i] = row
+    return [row for row in out if row is not None]
+
+
+def build_rows(groups: list[Group], cfg: Config) -> tuple[list[TrainRow], dict[str, float]]:
+    """Flatten ranked groups to answers with advantages; drop unranked and (optionally) all-tied groups."""
+    usable = [g for g in groups if g.ranks is not None]
+    advantages = group_advantages(usable, cfg) if usable else []
+    rows: list[TrainRow] = []
+    skipped_tied = 0
+    for group, adv in zip(usable, advantages, strict=True):
+        if cfg.algo.skip_tied_groups and all(a == 0.0 for a in adv):
+            skipped_tied += 1
+            continue
+        for ids, logp, a in zip(group.completion_ids, group.logprobs, adv, strict=True):
+            rows.append(TrainRow(group.video, group.question, ids, logp, a))
+    flat = [a for adv in advantages for a in adv]
+    stats = {
+        "groups": float(len(groups)),
+        "groups_unranked": float(len(groups) - len(usable)),
+        "groups_skipped_tied": float(skipped_tied),
+        "advantage_abs_mean": sum(abs(a) for a in flat) / len(flat) if flat else 0.0,
+        "advantage_max": max(flat) if flat else 0.0,
+        "advantage_min": min(flat) if flat else 0.0,
+    }
+    return rows, stats
+
+
+def shard(items: list[Any], rank: int, world_size: int) -> list[Any]:
+    """The ``rank``-th of ``world_size`` contiguous, near-equal slices of ``items``."""
+    base, extra = divmod(len(items), world_size)
+    start = rank * base + min(rank, extra)
+    return items[start:start + base + (1 if rank < extra else 0)]
+
+
+def _pad(rows: list[list[float]], width: int) -> torch.Tensor:
+    out = torch.zeros(len(rows), width)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r)
+    return out
+
+
+class LearnerWorker:
+    """One rank of the DeepSpeed learner: holds the policy, trains it, exports its weights."""
+
+    def __init__(self, cfg: Config, model_dir: str, rank: int = 0, world_size: int = 1,
+                 master_addr: str = "127.0.0.1", master_port: int | None = None) -> None:
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        torch.manual_seed(cfg.seed)
+        init_distributed(cfg.learner.backend, rank, world_size, master_addr, master_port)
+        self.policy = VideoLMPolicy.from_folder(model_dir, cfg.model, seed=cfg.seed)
+        # The warm-start adapter becomes the frozen reference of the KL penalty.
+        if (Path(model_dir) / ADAPTER_DIR).is_dir():
+            self.policy.freeze_reference()
+        self.store = FrameStore(cfg.model.num_frames, self.policy.image_size)
+        lc = cfg.learner
+        self.engine = build_engine(self.policy, lr=lc.lr, weight_decay=lc.weight_decay, zero_stage=lc.zero_stage,
+                                   grad_clip=lc.grad_clip, micro_batch_size=lc.micro_batch_size,
+                                   dtype=cfg.model.dtype)
+        # A fixed number of micro-batches per step (DeepSpeed counts accumulation boundaries
+        # cumulatively), sized for a full batch; a smaller batch leaves some micro-batches light.
+        full_batch = math.ceil(cfg.rl.prompts_per_step * cfg.rl.group_size / world_size)
+        self.n_micro = math.ceil(full_batch / lc.micro_batch_size)
+        set_micro_batches(self.engine, self.n_micro)
+        self.version = 0
+
+    def train_step(self, groups: list[Group]) -> dict[str, float]:
+        """One optimizer step per epoch on the ranked ``groups`` (the same list on every rank)."""
+        start = time.time()
+        rows, stats = build_rows(groups, self.cfg)
+        rows = [r for r in rows if self.store.try_get(r.video) is not None]
+        stats["rows"] = float(len(rows))
+        if len(rows) < self.world_size:
+            stats.update({"skipped_step": 1.0, "learn_s": time.time() - start})
+            return stats
+        algo = self.cfg.algo
+        global_count = (sum(len(r.completion_ids) for r in rows) if algo.aggregation == "token_mean"
+                        else len(rows))
+        mine = shard(rows, self.rank, self.world_size)
+        n_micro = self.n_micro
+        chunks = [shard(mine, i, n_micro) for i in range(n_micro)]
+        totals: dict[str, float] = {}
+        real_chunks = sum(1 for c in chunks if c) * self.cfg.learner.epochs_per_batch
+        for _ in range(self.cfg.learner.epochs_per_batch):
+            for chunk in chunks:
+                # An empty share still runs (with zero weight): every rank must reduce gradients.
+                micro_stats = self._micro_step(chunk or mine[:1], bool(chunk), global_count, n_micro)
+                for key, value in micro_stats.items():
+                    if chunk and key == "ratio_max":
+                        totals[key] = max(totals.get(key, 0.0), value)
+                    elif chunk:
+                        totals[key] = totals.get(key, 0.0) + value / real_chunks
+                self.engine.step()
+        self.version += 1
+        stats.update(totals)
+        stats.update({"skipped_step": 0.0, "learn_s": time.time() - start, "version": float(self.version),
+                      "lr": self.engine.get_lr()[0]})
+        return stats
+
+    def _micro_step(self, rows: list[TrainRow], real: bool, global_count: int, n_micro: int) -> dict[str, float]:
+        pixels = torch.stack([self.policy.preprocess(self.store.get(r.video)) for r in rows])
+        prompts = [self.policy.prompt_ids(r.question) for r in rows]
+        answers = [r.completion_ids for r in rows]
+        algo = self.cfg.algo
+        temperature = self.cfg.rollout.temperature
+        logprobs, mask, entropy = self.engine(pixels, prompts, answers, temperature=temperature,
+                                              with_entropy=algo.entropy_coef > 0)
+        ref = None
+        if algo.kl_coef > 0:
+            ref, _, _ = self.policy.answer_logprobs(pixels, prompts, answers, temperature=temperature, reference=True)
+        width = logprobs.shape[1]
+        old = _pad([r.old_logprobs for r in rows], width)
+        advantages = torch.tensor([r.advantage for r in rows])
+        loss, stats = grpo_loss(logprobs, old, ref, advantages, mask, eps_low=algo.eps_low, eps_high=algo.eps_high,
+                                kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator, entropy=entropy,
+                                entropy_coef=algo.entropy_coef, aggregation=algo.aggregation)
+        local_count = mask.sum().item() if algo.aggregation == "token_mean" else float(len(rows))
+        # grpo_loss averages over this micro-batch; rescale to the global mean. DeepSpeed divides
+        # by the micro-batch count and averages over ranks, which the last two factors undo.
+        scale = (local_count / global_count) * n_micro * self.world_size if real else 0.0
+        self.engine.backward(loss * scale)
+        return stats
+
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors (LoRA + projector), gathered whole even under ZeRO-3."""
+        import deepspeed
+
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return self.policy.trainable_state_dict()
+
+    def save(self, folder: str) -> str:
+        """Write a checkpoint (peft adapter + projector + policy.json) that every tool here loads."""
+        import deepspeed
+
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if self.rank == 0:
+                self.policy.save(folder)
+        return folder

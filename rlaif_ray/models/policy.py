@@ -1,0 +1,402 @@
+"""The video-language policy: frozen open_clip encoder -> trainable projector -> causal LM with LoRA.
+
+A model folder (built by ``python -m rlaif_ray.models.tiny`` or laid out by hand for real
+checkpoints) holds ``policy.json``::
+
+    {"lm": "lm",                                   # transformers folder (weights + tokenizer)
+     "vision": {"open_clip_model": "ViT-L-14-336", # any open_clip model name ...
+                "open_clip_config": null,          # ... or a custom open_clip JSON config
+                "pretrained": "/models/clip.bin"}, # local weights (never downloaded)
+     "image_size": 336, "image_mean": [...], "image_std": [...],
+     "video_token": "<video>",
+     "prompt_template": "USER: <video>\\n{question} ASSISTANT:"}
+
+Relative paths are relative to the folder. A trained checkpoint is the same folder shape plus
+``adapter/`` (peft ``save_pretrained``) and ``projector.safetensors``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlaif_ray.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+POLICY_FILE = "policy.json"
+ADAPTER_DIR = "adapter"
+PROJECTOR_FILE = "projector.safetensors"
+POLICY_ADAPTER = "default"
+REFERENCE_ADAPTER = "reference"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def read_policy_spec(folder: str | Path) -> dict[str, Any]:
+    """Read ``policy.json`` and resolve its relative paths against ``folder``."""
+    folder = Path(folder)
+    spec_path = folder / POLICY_FILE
+    if not spec_path.is_file():
+        raise FileNotFoundError(
+            f"{spec_path} not found: a model folder needs policy.json "
+            "(build the default with `python -m rlaif_ray.models.tiny --out DIR`)"
+        )
+    spec = json.loads(spec_path.read_text())
+    for key in ("lm", "vision", "image_size", "video_token", "prompt_template"):
+        if key not in spec:
+            raise ValueError(f"{spec_path}: missing key '{key}'")
+
+    def resolve(p: str | None) -> str | None:
+        if p is None:
+            return None
+        path = Path(p)
+        return str(path if path.is_absolute() else (folder / path).resolve())
+
+    spec["lm"] = resolve(spec["lm"])
+    vision = dict(spec["vision"])
+    vision["open_clip_config"] = resolve(vision.get("open_clip_config"))
+    vision["pretrained"] = resolve(vision.get("pretrained"))
+    spec["vision"] = vision
+    return spec
+
+
+def build_vision_encoder(vision: dict[str, Any]) -> nn.Module:
+    """Create the open_clip visual tower from a local checkpoint (never a download)."""
+    name = vision["open_clip_model"]
+    if vision.get("open_clip_config"):
+        open_clip.add_model_config(vision["open_clip_config"])
+    pretrained = vision.get("pretrained")
+    if pretrained and not Path(pretrained).is_file():
+        raise FileNotFoundError(f"vision weights {pretrained} not found")
+    clip = open_clip.create_model(name, pretrained=pretrained, load_weights=pretrained is not None)
+    visual = clip.visual
+    visual.output_tokens = True
+    visual.requires_grad_(False)
+    visual.eval()
+    return visual
+
+
+class Projector(nn.Module):
+    """Two-layer MLP from the vision width to the LM's embedding width (LLaVA's mlp2x_gelu)."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@dataclass
+class Samples:
+    """G sampled answers for each of B prompts, flattened to B*G rows (prompt-major)."""
+
+    token_ids: list[list[int]]
+    logprobs: list[list[float]]
+    texts: list[str]
+
+
+def spatio_temporal_pool(tokens: torch.Tensor) -> torch.Tensor:
+    """VLM-RLAIF / Video-ChatGPT pooling of patch features.
+
+    ``tokens``: [B, T, P, D] patch features of T frames. Returns [B, T + P, D]: the T temporal
+    tokens ``mean_p tokens[:, t, p]`` followed by the P spatial tokens ``mean_t tokens[:, t, p]``.
+    """
+    return torch.cat([tokens.mean(dim=2), tokens.mean(dim=1)], dim=1)
+
+
+class VideoLMPolicy(nn.Module):
+    """Frozen CLIP visual encoder, trainable projector, causal LM trained through LoRA.
+
+    The reference policy for the KL penalty is this same network with the policy adapter swapped
+    for the frozen ``reference`` adapter (the SFT adapter) when one is loaded, else with the
+    adapter disabled: there is never a second copy of the language model.
+    """
+
+    def __init__(self, spec: dict[str, Any], cfg: ModelConfig, adapter_dir: str | Path | None = None,
+                 projector_path: str | Path | None = None, seed: int = 0) -> None:
+        super().__init__()
+        self.spec = spec
+        self.cfg = cfg
+        dtype = _DTYPES[cfg.dtype]
+        self.tokenizer = AutoTokenizer.from_pretrained(spec["lm"])
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.video_token_id = self.tokenizer.convert_tokens_to_ids(spec["video_token"])
+        if self.video_token_id is None or self.video_token_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"tokenizer of {spec['lm']} has no token {spec['video_token']!r}")
+        self.vision = build_vision_encoder(spec["vision"])
+        self.image_size = int(spec["image_size"])
+        self.register_buffer("image_mean", torch.tensor(spec["image_mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(spec["image_std"]).view(1, 3, 1, 1), persistent=False)
+        base = AutoModelForCausalLM.from_pretrained(spec["lm"], dtype=dtype)
+        hidden = base.get_input_embeddings().embedding_dim
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.projector = Projector(self._vision_width(), hidden)
+        if projector_path is not None:
+            self.projector.load_state_dict(load_file(str(projector_path)))
+        if adapter_dir is not None:
+            self.lm = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=POLICY_ADAPTER, is_trainable=True)
+        else:
+            lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                              target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM")
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                self.lm = get_peft_model(base, lora, adapter_name=POLICY_ADAPTER)
+        self.has_reference_adapter = False
+        self.reference_projector: Projector | None = None
+
+    # ----------------------------------------------------------------- loading and saving
+    @classmethod
+    def from_folder(cls, folder: str | Path, cfg: ModelConfig, seed: int = 0) -> VideoLMPolicy:
+        """Load a model folder: base spec plus, when present, ``adapter/`` and ``projector.safetensors``."""
+        folder = Path(folder)
+        adapter = folder / ADAPTER_DIR
+        projector = folder / PROJECTOR_FILE
+        return cls(read_policy_spec(folder), cfg,
+                   adapter_dir=adapter if (adapter / "adapter_config.json").is_file() else None,
+                   projector_path=projector if projector.is_file() else None, seed=seed)
+
+    def freeze_reference(self) -> None:
+        """Make the current adapter and projector the frozen reference policy (call after SFT)."""
+        with torch.no_grad():
+            with tempfile.TemporaryDirectory() as tmp:
+                self.lm.save_pretrained(tmp, selected_adapters=[POLICY_ADAPTER])
+                self.lm.load_adapter(tmp, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+            self.lm.set_adapter(POLICY_ADAPTER)
+            self.reference_projector = Projector(self.projector.net[0].in_features, self.projector.net[2].out_features)
+            self.reference_projector.load_state_dict(self.projector.state_dict())
+            self.reference_projector.requires_grad_(False)
+        self.has_reference_adapter = True
+        self._fix_requires_grad()
+
+    def _fix_requires_grad(self) -> None:
+        for name, param in self.lm.named_parameters():
+            param.requires_grad = "lora_" in name and f".{POLICY_ADAPTER}." in name
+        self.projector.requires_grad_(True)
+        self.vision.requires_grad_(False)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``policy.json`` (absolute base paths), ``adapter/`` and ``projector.safetensors``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / POLICY_FILE).write_text(json.dumps(self.spec, indent=2))
+        self.lm.save_pretrained(str(folder / ADAPTER_DIR), selected_adapters=[POLICY_ADAPTER])
+        _flatten_default_adapter_dir(folder / ADAPTER_DIR)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.projector.state_dict().items()},
+                  str(folder / PROJECTOR_FILE))
+        return folder
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors that RL changes (policy LoRA + projector), detached copies on the CPU."""
+        out = {f"projector.{k}": v.detach().cpu().clone() for k, v in self.projector.state_dict().items()}
+        for name, param in self.lm.named_parameters():
+            if "lora_" in name and f".{POLICY_ADAPTER}." in name:
+                out[f"lm.{name}"] = param.detach().cpu().clone()
+        return out
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load tensors produced by :meth:`trainable_state_dict` (names must match exactly)."""
+        expected = set(self.trainable_state_dict())
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise KeyError(f"weight update does not match the policy: missing {sorted(missing)[:3]}, "
+                           f"unexpected {sorted(unexpected)[:3]}")
+        params = dict(self.lm.named_parameters())
+        with torch.no_grad():
+            for key, value in state.items():
+                if key.startswith("projector."):
+                    self.projector.state_dict()[key[len("projector."):]].copy_(value)
+                else:
+                    params[key[len("lm."):]].copy_(value)
+
+    # ----------------------------------------------------------------- inputs
+    def _vision_width(self) -> int:
+        with torch.no_grad():
+            dummy = torch.zeros(1, 3, self.image_size, self.image_size)
+            pooled, tokens = self.vision(dummy)
+        return tokens.shape[-1] if self.cfg.visual_tokens == "patch" else pooled.shape[-1]
+
+    def preprocess(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 frames [T, H, W, 3] -> normalised pixels [T, 3, S, S] at the encoder's size."""
+        x = torch.as_tensor(frames).permute(0, 3, 1, 2).float().div(255.0)
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return (x - self.image_mean) / self.image_std
+
+    @torch.no_grad()
+    def visual_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Frozen encoder features: pixels [B, T, 3, S, S] -> [B, N, D] visual tokens (before the projector)."""
+        b, t = pixels.shape[:2]
+        pooled, tokens = self.vision(pixels.flatten(0, 1))
+        if self.cfg.visual_tokens == "patch":
+            return spatio_temporal_pool(tokens.view(b, t, *tokens.shape[1:]))
+        return pooled.view(b, t, -1)
+
+    def encode_video(self, pixels: torch.Tensor, reference: bool = False) -> torch.Tensor:
+        """pixels [B, T, 3, S, S] -> projected visual embeddings [B, N, H] in the LM's dtype."""
+        projector = self.reference_projector if (reference and self.reference_projector is not None) else self.projector
+        feats = self.visual_features(pixels)
+        dtype = self.lm.get_input_embeddings().weight.dtype
+        return projector(feats.to(projector.net[0].weight.dtype)).to(dtype)
+
+    def prompt_ids(self, question: str) -> list[int]:
+        """Token ids of the prompt built from the template; holds exactly one video placeholder."""
+        text = self.spec["prompt_template"].format(question=question)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if self.tokenizer.bos_token_id is not None:
+            ids = [self.tokenizer.bos_token_id, *ids]
+        ids = ids[-self.cfg.max_prompt_tokens:] if len(ids) > self.cfg.max_prompt_tokens else ids
+        if ids.count(self.video_token_id) != 1:
+            raise ValueError(f"prompt for {question!r} must hold exactly one {self.spec['video_token']!r} token")
+        return ids
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """Token ids of a target answer, terminated by EOS."""
+        return [*self.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"], self.tokenizer.eos_token_id]
+
+    def _splice(self, visual: torch.Tensor, prompts: list[list[int]], answers: list[list[int]] | None,
+                pad_left: bool) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Embed prompt (+ answer) ids with the visual tokens at the placeholder; pad to one length.
+
+        Returns inputs_embeds [B, L, H], attention_mask [B, L] and, per row, the index of the first
+        answer position (the prompt's length after splicing, excluding padding).
+        """
+        embed = self.lm.get_input_embeddings()
+        rows, prompt_lens = [], []
+        for i, ids in enumerate(prompts):
+            cut = ids.index(self.video_token_id)
+            pre = embed(torch.tensor(ids[:cut], dtype=torch.long))
+            post = embed(torch.tensor(ids[cut + 1:], dtype=torch.long))
+            parts = [pre, visual[i], post]
+            prompt_lens.append(pre.shape[0] + visual.shape[1] + post.shape[0])
+            if answers is not None:
+                parts.append(embed(torch.tensor(answers[i], dtype=torch.long)))
+            rows.append(torch.cat(parts, dim=0))
+        length = max(r.shape[0] for r in rows)
+        hidden = rows[0].shape[1]
+        embeds = rows[0].new_zeros(len(rows), length, hidden)
+        mask = torch.zeros(len(rows), length, dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = row.shape[0]
+            if pad_left:
+                embeds[i, length - n:], mask[i, length - n:] = row, 1
+            else:
+                embeds[i, :n], mask[i, :n] = row, 1
+        return embeds, mask, prompt_lens
+
+    # ----------------------------------------------------------------- scoring and sampling
+    def answer_logprobs(self, pixels: torch.Tensor, prompts: list[list[int]], answers: list[list[int]],
+                        temperature: float = 1.0, reference: bool = False,
+                        with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Log-probabilities of given answers under softmax(logits / temperature).
+
+        Returns (logprobs [B, A], mask [B, A], entropy [B, A] or None), A = longest answer; rows
+        are right-padded and ``mask`` marks real answer tokens. With ``reference=True`` the
+        reference policy scores them (no gradient).
+        """
+        ctx = self.reference_mode() if reference else contextlib.nullcontext()
+        with ctx, (torch.no_grad() if reference else contextlib.nullcontext()):
+            visual = self.encode_video(pixels, reference=reference)
+            embeds, mask, prompt_lens = self._splice(visual, prompts, answers, pad_left=False)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+        a_len = max(len(a) for a in answers)
+        b = len(answers)
+        index = torch.zeros(b, a_len, dtype=torch.long)
+        ans_mask = torch.zeros(b, a_len)
+        targets = torch.zeros(b, a_len, dtype=torch.long)
+        for i, ans in enumerate(answers):
+            n = len(ans)
+            index[i, :n] = torch.arange(prompt_lens[i] - 1, prompt_lens[i] - 1 + n)
+            ans_mask[i, :n] = 1.0
+            targets[i, :n] = torch.tensor(ans, dtype=torch.long)
+        picked = torch.gather(logits, 1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1])).float()
+        logp_all = torch.log_softmax(picked / temperature, dim=-1)
+        logprobs = torch.gather(logp_all, 2, targets.unsqueeze(-1)).squeeze(-1) * ans_mask
+        entropy = None
+        if with_entropy:
+            entropy = -(logp_all.exp() * logp_all).sum(-1) * ans_mask
+        return logprobs, ans_mask, entropy
+
+    def forward(self, pixels: torch.Tensor, prompts: list[list[int]], answers: list[list[int]],
+                temperature: float = 1.0, with_entropy: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The training forward (what a DeepSpeed engine calls): :meth:`answer_logprobs` of the policy."""
+        return self.answer_logprobs(pixels, prompts, answers, temperature=temperature, with_entropy=with_entropy)
+
+    @contextlib.contextmanager
+    def reference_mode(self) -> Iterator[None]:
+        """Run the LM as the reference policy: the frozen reference adapter, else no adapter."""
+        if self.has_reference_adapter:
+            self.lm.set_adapter(REFERENCE_ADAPTER)
+            try:
+                yield
+            finally:
+                self.lm.set_adapter(POLICY_ADAPTER)
+                self._fix_requires_grad()
+        else:
+            with self.lm.disable_adapter():
+                yield
+
+    @torch.no_grad()
+    def sample(self, pixels: torch.Tensor, prompts: list[list[int]], group_size: int, temperature: float,
+               top_p: float, max_new_tokens: int, greedy: bool = False) -> Samples:
+        """Sample ``group_size`` answers per prompt; log-probs are under softmax(logits / temperature)."""
+        visual = self.encode_video(pixels)
+        visual = visual.repeat_interleave(group_size, dim=0)
+        prompts = [p for p in prompts for _ in range(group_size)]
+        embeds, mask, _ = self._splice(visual, prompts, None, pad_left=True)
+        eos = self.tokenizer.eos_token_id
+        gen_kwargs: dict[str, Any] = {"do_sample": False} if greedy else {
+            "do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+        out = self.lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                               eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id,
+                               output_logits=True, return_dict_in_generate=True, **gen_kwargs)
+        tokens = out.sequences[:, -len(out.logits):] if out.sequences.shape[1] >= len(out.logits) else out.sequences
+        logits = torch.stack(out.logits, dim=1).float()
+        logp = torch.log_softmax(logits / (1.0 if greedy else temperature), dim=-1)
+        token_logp = torch.gather(logp, 2, tokens.unsqueeze(-1)).squeeze(-1)
+        ids_out, logp_out, texts = [], [], []
+        for row, row_logp in zip(tokens.tolist(), token_logp.tolist(), strict=True):
+            n = row.index(eos) + 1 if eos in row else len(row)
+            ids_out.append(row[:n])
+            logp_out.append(row_logp[:n])
+            texts.append(self.decode_answer(row[:n]))
+        return Samples(token_ids=ids_out, logprobs=logp_out, texts=texts)
+
+    def decode_answer(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def _flatten_default_adapter_dir(adapter_dir: Path) -> None:
+    """peft writes non-default adapter names into subfolders; keep ``adapter/`` loadable directly."""
+    nested = adapter_dir / POLICY_ADAPTER
+    if nested.is_dir():
+        for f in nested.iterdir():
+            f.replace(adapter_dir / f.name)
+        nested.rmdir()
+
+
+def load_policy(folder: str | Path, cfg: ModelConfig, seed: int = 0) -> VideoLMPolicy:
+    """Load a model folder and log what was loaded."""
+    policy = VideoLMPolicy.from_folder(folder, cfg, seed=seed)
+    log.info("loaded policy from %s (adapter: %s)", folder, (Path(folder) / ADAPTER_DIR).is_dir())
+    return policy

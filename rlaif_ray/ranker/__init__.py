@@ -1,0 +1,39 @@
+"""The Oracle ranker: backends that order a group of answers, the judge prompt and parser, the worker."""
+
+from rlaif_ray.ranker.backends import (
+    GroundTruthRanker,
+    JudgeRanker,
+    OpenAIRanker,
+    RankerBackend,
+    RankRequest,
+    make_backend,
+    normalize_answer,
+    register_backend,
+    token_f1,
+)
+from rlaif_ray.ranker.prompting import (
+    InvalidOrdering,
+    Ordering,
+    build_ranking_prompt,
+    format_ordering,
+    parse_ordering,
+)
+from rlaif_ray.ranker.worker import RankerWorker
+
+__all__ = [
+    "GroundTruthRanker",
+    "InvalidOrdering",
+    "JudgeRanker",
+    "OpenAIRanker",
+    "Ordering",
+    "RankRequest",
+    "RankerBackend",
+    "RankerWorker",
+    "build_ranking_prompt",
+    "format_ordering",
+    "make_backend",
+    "normalize_answer",
+    "parse_ordering",
+    "register_backend",
+    "token_f1",
+]

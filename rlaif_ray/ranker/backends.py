@@ -1,0 +1,269 @@
+"""Ranker backends: the oracles that order a group of candidate answers, registered by name.
+
+Every backend answers ``rank(question, reference, candidates) -> ordering`` (tiers best first,
+see :mod:`rlaif_ray.ranker.prompting`) and is built from the config with :func:`make_backend`:
+
+* ``ground_truth``: compares each answer with the reference answer (the synthetic task's oracle);
+* ``judge``: a local causal language model prompted listwise (transformers, CPU);
+* ``openai``: any OpenAI-compatible chat-completions endpoint.
+
+Backends may raise (invalid answer, transport error); :class:`rlaif_ray.ranker.worker.RankerWorker`
+counts that as a failed attempt, retries and falls back.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import os
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+import openai
+import torch
+
+from rlaif_ray.config import RankerConfig
+from rlaif_ray.ranker.prompting import Ordering, build_ranking_prompt, parse_ordering
+
+log = logging.getLogger(__name__)
+
+
+class RankRequest(NamedTuple):
+    """One group to rank: the question, the reference answer (None when unknown) and the candidates."""
+
+    question: str
+    reference: str | None
+    candidates: list[str]
+
+
+class RankerBackend(abc.ABC):
+    """The interface every backend implements; ``name`` is set by :func:`register_backend`."""
+
+    name: str = ""
+
+    @abc.abstractmethod
+    def rank(self, question: str, reference: str | None, candidates: list[str]) -> Ordering:
+        """Order ``candidates`` best first (ties allowed); raise when no ordering can be given."""
+
+    def rank_many(self, requests: list[RankRequest]) -> list[Ordering | Exception]:
+        """Rank several groups; each result is the ordering or the exception its ``rank`` raised.
+
+        Sequential here; backends that can overlap calls (``openai``) override it.
+        """
+        return [self._rank_or_error(request) for request in requests]
+
+    def scores(self, reference: str, candidates: list[str]) -> list[float] | None:
+        """Per-candidate scores against a known reference, or None for backends that only rank."""
+        return None
+
+    def _rank_or_error(self, request: RankRequest) -> Ordering | Exception:
+        try:
+            return self.rank(*request)
+        except Exception as exc:  # the worker counts and logs every kind of failure
+            return exc
+
+
+_BACKENDS: dict[str, Callable[[RankerConfig], RankerBackend]] = {}
+
+
+def register_backend(name: str) -> Callable[[type[RankerBackend]], type[RankerBackend]]:
+    """Class decorator: make a backend buildable as ``ranker.backend: <name>``."""
+
+    def decorator(cls: type[RankerBackend]) -> type[RankerBackend]:
+        if name in _BACKENDS:
+            raise ValueError(f"ranker backend {name!r} is already registered")
+        cls.name = name
+        _BACKENDS[name] = cls
+        return cls
+
+    return decorator
+
+
+def make_backend(cfg: RankerConfig) -> RankerBackend:
+    """Build the backend named by ``cfg.backend``."""
+    try:
+        factory = _BACKENDS[cfg.backend]
+    except KeyError:
+        raise ValueError(
+            f"unknown ranker backend {cfg.backend!r}; known: {', '.join(sorted(_BACKENDS))}"
+        ) from None
+    return factory(cfg)
+
+
+# --------------------------------------------------------------------------- ground truth
+
+_NON_WORD = re.compile(r"[^\w\s]|_")
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, punctuation replaced by spaces, runs of whitespace collapsed to one space."""
+    return " ".join(_NON_WORD.sub(" ", text.lower()).split())
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """Token-overlap F1 of two normalised texts (1.0 when both are empty)."""
+    pred, ref = prediction.split(), reference.split()
+    if not pred or not ref:
+        return float(pred == ref)
+    overlap = sum((Counter(pred) & Counter(ref)).values())
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(pred), overlap / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+@register_backend("ground_truth")
+class GroundTruthRanker(RankerBackend):
+    """Orders answers against the reference: correct first, then closer (token F1), then shorter.
+
+    An answer is correct when its normalised text equals the normalised reference. Answers
+    with equal keys (same correctness, closeness and word count; in particular the same
+    normalised text) tie.
+    """
+
+    def __init__(self, cfg: RankerConfig | None = None) -> None:
+        """``cfg`` is accepted for a uniform constructor; this backend has no settings."""
+
+    def rank(self, question: str, reference: str | None, candidates: list[str]) -> Ordering:
+        if reference is None:
+            raise ValueError("the ground_truth ranker needs a reference answer; this group has none")
+        ref = normalize_answer(reference)
+        keys = []
+        for candidate in candidates:
+            norm = normalize_answer(candidate)
+            keys.append((norm != ref, -token_f1(norm, ref), len(norm.split())))
+        ordering: Ordering = []
+        for key in sorted(set(keys)):
+            tier = [i for i, k in enumerate(keys) if k == key]
+            ordering.append(tier[0] if len(tier) == 1 else tier)
+        return ordering
+
+    def scores(self, reference: str, candidates: list[str]) -> list[float]:
+        """1.0 for a correct answer (normalised text equals the normalised reference), else 0.0."""
+        ref = normalize_answer(reference)
+        return [float(normalize_answer(candidate) == ref) for candidate in candidates]
+
+
+# --------------------------------------------------------------------------- local judge
+
+
+@register_backend("judge")
+class JudgeRanker(RankerBackend):
+    """A local causal LM (``cfg.judge_model_path``) prompted listwise, decoded greedily on the CPU.
+
+    transformers is imported here, not at module import, so that other backends do not pay for it.
+    """
+
+    def __init__(self, cfg: RankerConfig) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not cfg.judge_model_path:
+            raise ValueError("ranker.judge_model_path must name a local model folder for the judge backend")
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.judge_model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(cfg.judge_model_path)
+        self.model.eval()
+        self.max_new_tokens = cfg.judge_max_new_tokens
+
+    def generate(self, prompt: str) -> str:
+        """The judge's greedy continuation of ``prompt`` (chat template applied when it has one)."""
+        if self.tokenizer.chat_template:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
+            inputs = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        else:
+            inputs = self.tokenizer(prompt, return_tensors="pt")
+        pad_id = self.tokenizer.pad_token_id
+        with torch.inference_mode():
+            output = self.model.generate(
+                **inputs,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad_id if pad_id is not None else self.tokenizer.eos_token_id,
+            )
+        new_tokens = output[0, inputs["input_ids"].shape[1] :]
+        return self.tokenizer.decode(new_tokens, skip_special_tokens=True)
+
+    def rank(self, question: str, reference: str | None, candidates: list[str]) -> Ordering:
+        answer = self.generate(build_ranking_prompt(question, reference, candidates))
+        return parse_ordering(answer, len(candidates))
+
+
+# --------------------------------------------------------------------------- OpenAI-compatible API
+
+_RETRY_STATUS = {408, 429}
+
+
+def _is_transient(exc: Exception) -> bool:
+    """Transport errors, timeouts, 408, 429 and 5xx are worth another try; other errors are not."""
+    if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
+        return True
+    return isinstance(exc, openai.APIStatusError) and (
+        exc.status_code in _RETRY_STATUS or exc.status_code >= 500
+    )
+
+
+@register_backend("openai")
+class OpenAIRanker(RankerBackend):
+    """Any OpenAI-compatible chat-completions endpoint, prompted listwise and parsed strictly.
+
+    The API key comes from the environment variable ``cfg.openai_api_key_env`` ("EMPTY" when unset,
+    for local servers). Transient failures are retried here with exponential back-off
+    (``cfg.openai_backoff_s * 2**k``, at most ``cfg.max_retries`` times; the client's own retries are
+    off). At most ``cfg.openai_max_concurrency`` requests are in flight per backend, and
+    :meth:`rank_many` overlaps that many groups.
+    """
+
+    def __init__(self, cfg: RankerConfig) -> None:
+        self.model = cfg.openai_model
+        self.temperature = cfg.openai_temperature
+        self.max_retries = cfg.max_retries
+        self.backoff_s = cfg.openai_backoff_s
+        self.max_concurrency = cfg.openai_max_concurrency
+        self.client = openai.OpenAI(
+            api_key=os.environ.get(cfg.openai_api_key_env) or "EMPTY",
+            base_url=cfg.openai_base_url,
+            timeout=cfg.openai_timeout_s,
+            max_retries=0,
+        )
+        self._slots = threading.BoundedSemaphore(cfg.openai_max_concurrency)
+        self._lock = threading.Lock()
+        self.transport_retries = 0
+
+    def complete(self, prompt: str) -> str:
+        """The assistant's reply to ``prompt``, retrying transient failures with back-off."""
+        attempt = 0
+        while True:
+            try:
+                with self._slots:
+                    response = self.client.chat.completions.create(
+                        model=self.model,
+                        messages=[{"role": "user", "content": prompt}],
+                        temperature=self.temperature,
+                    )
+                return response.choices[0].message.content or ""
+            except openai.APIError as exc:
+                if attempt >= self.max_retries or not _is_transient(exc):
+                    raise
+                delay = self.backoff_s * 2**attempt
+                log.warning("openai ranker: %s (%s); retrying in %.2fs", type(exc).__name__, exc, delay)
+                with self._lock:
+                    self.transport_retries += 1
+                time.sleep(delay)
+                attempt += 1
+
+    def rank(self, question: str, reference: str | None, candidates: list[str]) -> Ordering:
+        answer = self.complete(build_ranking_prompt(question, reference, candidates))
+        return parse_ordering(answer, len(candidates))
+
+    def rank_many(self, requests: list[RankRequest]) -> list[Ordering | Exception]:
+        """Rank the groups in a thread pool of ``openai_max_concurrency`` threads."""
+        if len(requests) <= 1 or self.max_concurrency <= 1:
+            return super().rank_many(requests)
+        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(requests))) as pool:
+            return list(pool.map(self._rank_or_error, requests))

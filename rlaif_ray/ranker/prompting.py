@@ -1,0 +1,124 @@
+"""The listwise judge prompt, and the strict parser for the judge's answer.
+
+An *ordering* lists the candidates of a group best first, as tiers: a tier is one candidate
+index or a list of tied indices, e.g. ``[2, [0, 3], 1]``. In text the same ordering is the
+line ``ranking: 2 > 0 = 3 > 1`` (``>`` separates tiers, ``=`` joins tied candidates, indices
+count from 0). The judge must answer with exactly one such line; anything else is rejected
+with :class:`InvalidOrdering` so that the caller can ask again or fall back.
+"""
+
+from __future__ import annotations
+
+import re
+
+Tier = int | list[int]
+Ordering = list[Tier]
+
+_RANKING_LINE = re.compile(r"^\s*ranking\s*:(?P<body>.*)$", re.IGNORECASE)
+_RANKING_ANYWHERE = re.compile(r"ranking\s*:", re.IGNORECASE)
+_INDEX = re.compile(r"[0-9]+")
+_QUOTE_CHARS = 200
+
+
+class InvalidOrdering(ValueError):
+    """A judge answer that is not exactly one valid ordering of the group's candidates."""
+
+
+def _quote(text: str) -> str:
+    """``text`` as a repr, cut to a readable length for error messages and logs."""
+    if len(text) > _QUOTE_CHARS:
+        return repr(text[:_QUOTE_CHARS]) + f"... ({len(text)} chars)"
+    return repr(text)
+
+
+def _example_ordering(group_size: int) -> Ordering:
+    """A format example for ``group_size`` candidates: reversed order, the last two tied."""
+    indices = list(range(group_size - 1, -1, -1))
+    return [*indices[:-2], indices[-2:]]
+
+
+def build_ranking_prompt(question: str, reference: str | None, candidates: list[str]) -> str:
+    """The listwise prompt: question, reference (when known), all candidates numbered from 0,
+    the ranking criteria and the exact answer format."""
+    if len(candidates) < 2:
+        raise ValueError(f"a ranking prompt needs at least 2 candidates, got {len(candidates)}")
+    n = len(candidates)
+    lines = [
+        "You are a strict judge. Rank the candidate answers to a question about a video.",
+        "",
+        f"Question: {' '.join(question.split())}",
+    ]
+    if reference is not None:
+        lines.append(f"Reference answer: {' '.join(reference.split())}")
+    lines += ["", "Candidate answers:"]
+    for i, candidate in enumerate(candidates):
+        lines.append(f"[{i}] {' '.join(candidate.split()) or '(empty answer)'}")
+    criteria = (
+        "A better answer is correct (agrees with the reference answer), then closer to it, then more concise."
+        if reference is not None
+        else "A better answer is correct, then more complete and precise, then more concise."
+    )
+    lines += [
+        "",
+        f"Rank all {n} candidates from best to worst. {criteria}",
+        "Reply with a single line in this format (an example of the format, not the answer):",
+        format_ordering(_example_ordering(n)),
+        f"Use each index 0 to {n - 1} exactly once; '>' means better than, '=' means equally good. "
+        "Write nothing else on that line.",
+    ]
+    return "\n".join(lines)
+
+
+def format_ordering(ordering: Ordering) -> str:
+    """The text form of an ordering: ``[2, [0, 3], 1]`` -> ``'ranking: 2 > 0 = 3 > 1'``."""
+    tiers = [" = ".join(str(i) for i in tier) if isinstance(tier, list) else str(tier) for tier in ordering]
+    return "ranking: " + " > ".join(tiers)
+
+
+def parse_ordering(text: str, group_size: int) -> Ordering:
+    """Parse a judge answer strictly into an ordering of ``group_size`` candidates.
+
+    The text may hold other lines (e.g. reasoning), but exactly one line must mention
+    ``ranking:``; that line must start with it (case-insensitive) and hold nothing but the
+    indices 0..group_size-1, each exactly once, separated by ``>`` and ``=``. Single
+    candidates come back as ints and ties as lists. Raises :class:`InvalidOrdering` quoting
+    the text and saying what is wrong.
+    """
+    candidates = [line for line in text.splitlines() if _RANKING_ANYWHERE.search(line)]
+    if not candidates:
+        raise InvalidOrdering(f"no 'ranking:' line in judge answer {_quote(text)}")
+    if len(candidates) > 1:
+        raise InvalidOrdering(
+            f"{len(candidates)} 'ranking:' lines (expected exactly one) in judge answer {_quote(text)}"
+        )
+    line = candidates[0]
+    match = _RANKING_LINE.match(line)
+    if match is None:
+        raise InvalidOrdering(
+            f"text before 'ranking:' on the ranking line {_quote(line)} of judge answer {_quote(text)}"
+        )
+    ordering: Ordering = []
+    seen: set[int] = set()
+    for tier_text in match["body"].split(">"):
+        tier: list[int] = []
+        for token in tier_text.split("="):
+            token = token.strip()
+            if not _INDEX.fullmatch(token):
+                what = "an empty tier or tie" if not token else f"{token!r} is not a candidate index"
+                raise InvalidOrdering(f"{what} in ranking line {_quote(line)} of judge answer {_quote(text)}")
+            index = int(token)
+            if index >= group_size:
+                raise InvalidOrdering(
+                    f"index {index} out of range 0..{group_size - 1} in judge answer {_quote(text)}"
+                )
+            if index in seen:
+                raise InvalidOrdering(f"index {index} appears twice in judge answer {_quote(text)}")
+            seen.add(index)
+            tier.append(index)
+        ordering.append(tier[0] if len(tier) == 1 else tier)
+    missing = sorted(set(range(group_size)) - seen)
+    if missing:
+        raise InvalidOrdering(
+            f"indices {missing} missing (each of 0..{group_size - 1} must appear once) in judge answer {_quote(text)}"
+        )
+    return ordering

@@ -1,0 +1,61 @@
+"""Rollout engines: what samples G answers per video prompt and serves a given weight version.
+
+``hf`` runs the policy with transformers (CPU or GPU; the default and the tests). ``vllm`` runs
+the language model in vLLM with the LoRA adapter of each version (GPU only, see vllm_engine.py).
+Both take decoded frames and questions and return :class:`~rlaif_ray.models.policy.Samples`.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import numpy as np
+import torch
+
+from rlaif_ray.config import Config
+from rlaif_ray.models.policy import Samples, VideoLMPolicy
+
+
+class RolloutEngine(abc.ABC):
+    """Samples answers under the weight version it serves."""
+
+    version: int = 0
+
+    @abc.abstractmethod
+    def sample(self, frames: list[np.ndarray], questions: list[str], group_size: int,
+               greedy: bool = False) -> Samples:
+        """``group_size`` answers for each (frames, question), prompt-major."""
+
+    @abc.abstractmethod
+    def load_weights(self, version: int, state: dict[str, torch.Tensor]) -> None:
+        """Serve ``version``, whose trainable tensors (LoRA + projector) are ``state``."""
+
+
+class HFEngine(RolloutEngine):
+    """The policy itself, sampling with transformers ``generate``."""
+
+    def __init__(self, cfg: Config, model_dir: str) -> None:
+        self.cfg = cfg
+        self.policy = VideoLMPolicy.from_folder(model_dir, cfg.model, seed=cfg.seed)
+        self.policy.eval()
+        self.version = 0
+
+    def sample(self, frames: list[np.ndarray], questions: list[str], group_size: int,
+               greedy: bool = False) -> Samples:
+        pixels = torch.stack([self.policy.preprocess(f) for f in frames])
+        prompts = [self.policy.prompt_ids(q) for q in questions]
+        r = self.cfg.rollout
+        return self.policy.sample(pixels, prompts, group_size, r.temperature, r.top_p, r.max_new_tokens, greedy=greedy)
+
+    def load_weights(self, version: int, state: dict[str, torch.Tensor]) -> None:
+        self.policy.load_trainable_state_dict(state)
+        self.version = version
+
+
+def make_engine(cfg: Config, model_dir: str) -> RolloutEngine:
+    """The engine named by ``rollout.engine``; vLLM is imported only when chosen."""
+    if cfg.rollout.engine == "hf":
+        return HFEngine(cfg, model_dir)
+    from rlaif_ray.rollout.vllm_engine import VLLMEngine
+
+    return VLLMEngine(cfg, model_dir)

@@ -1,0 +1,124 @@
+"""Supervised warm start: train projector + LoRA on the train split with DeepSpeed.
+
+    python -m rlaif_ray.sft --config configs/default.yaml [key=value ...]
+
+Writes the checkpoint to ``sft.output_dir`` (``adapter/``, ``projector.safetensors``,
+``policy.json``), its per-step log to ``sft_metrics.jsonl`` and ``sft_state.json``, which marks the
+checkpoint finished so that ``rlaif_ray.launch`` reuses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlaif_ray.config import Config, load_config
+from rlaif_ray.data.dataset import VideoQAExample, load_jsonl
+from rlaif_ray.data.frames import FrameStore
+from rlaif_ray.evaluate import evaluate
+from rlaif_ray.learner.engine import build_engine, init_distributed
+from rlaif_ray.models.policy import VideoLMPolicy
+from rlaif_ray.prepare import ensure_data, ensure_model
+
+log = logging.getLogger(__name__)
+
+SFT_STATE = "sft_state.json"
+
+
+def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token-mean negative log-likelihood of the target answers: ``-sum(m * logp) / sum(m)``."""
+    return -(logprobs * mask).sum() / mask.sum().clamp(min=1)
+
+
+def finished_checkpoint(folder: str | Path) -> dict[str, Any] | None:
+    """The saved SFT state when ``folder`` holds a finished SFT checkpoint, else None."""
+    state = Path(folder) / SFT_STATE
+    if not state.is_file():
+        return None
+    data = json.loads(state.read_text())
+    return data if data.get("finished") else None
+
+
+def training_batch(policy: VideoLMPolicy, store: FrameStore, examples: list[VideoQAExample]
+                   ) -> tuple[torch.Tensor, list[list[int]], list[list[int]]] | None:
+    """Pixels, prompt ids and answer ids of the examples whose video decodes (None if none does)."""
+    pixels, prompts, answers = [], [], []
+    for ex in examples:
+        frames = store.try_get(ex.video)
+        if frames is None:
+            continue
+        pixels.append(policy.preprocess(frames))
+        prompts.append(policy.prompt_ids(ex.question))
+        answers.append(policy.answer_ids(ex.answer or ""))
+    if not pixels:
+        return None
+    return torch.stack(pixels), prompts, answers
+
+
+def run_sft(cfg: Config) -> dict[str, Any]:
+    """Train, evaluate on the val split, save; returns the final state written to ``sft_state.json``."""
+    ensure_data(cfg)
+    model_dir = ensure_model(cfg)
+    out = Path(cfg.sft.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+
+    train = [ex for ex in load_jsonl(cfg.data.train, on_error=cfg.data.on_bad_line) if ex.answer]
+    val = load_jsonl(cfg.data.val, on_error=cfg.data.on_bad_line)
+    if not train:
+        raise ValueError(f"{cfg.data.train}: no example with an answer to train on")
+    policy = VideoLMPolicy.from_folder(model_dir, cfg.model, seed=cfg.seed)
+    store = FrameStore(cfg.model.num_frames, policy.image_size)
+    init_distributed("gloo" if not torch.cuda.is_available() else "nccl")
+    engine = build_engine(policy, lr=cfg.sft.lr, weight_decay=cfg.sft.weight_decay, zero_stage=cfg.sft.zero_stage,
+                          grad_clip=cfg.sft.grad_clip, micro_batch_size=cfg.sft.batch_size,
+                          warmup_steps=cfg.sft.warmup_steps, dtype=cfg.model.dtype)
+
+    start = time.time()
+    history = []
+    with (out / "sft_metrics.jsonl").open("w") as metrics:
+        for step in range(1, cfg.sft.steps + 1):
+            batch = training_batch(policy, store, rng.sample(train, min(cfg.sft.batch_size, len(train))))
+            if batch is None:
+                continue
+            pixels, prompts, answers = batch
+            logprobs, mask, _ = engine(pixels, prompts, answers)
+            loss = sft_loss(logprobs, mask)
+            engine.backward(loss)
+            engine.step()
+            record: dict[str, Any] = {"step": step, "loss": loss.item(), "wall_s": time.time() - start}
+            if step % cfg.sft.eval_every == 0 or step == cfg.sft.steps:
+                record["val"] = evaluate(policy, val, store, max_new_tokens=cfg.rollout.max_new_tokens)
+                history.append({"step": step, "wall_s": record["wall_s"], "val_accuracy": record["val"]["accuracy"]})
+            if step % cfg.sft.log_every == 0 or "val" in record:
+                val_text = f" val_acc={record['val']['accuracy']:.3f}" if "val" in record else ""
+                print(f"[sft] step {step}/{cfg.sft.steps} loss={record['loss']:.4f}{val_text} "
+                      f"({record['wall_s']:.0f}s)", flush=True)
+            metrics.write(json.dumps(record) + "\n")
+    policy.save(out)
+    state = {"finished": True, "steps": cfg.sft.steps, "wall_s": time.time() - start, "history": history,
+             "skipped_videos": store.skipped_videos, "model": str(model_dir)}
+    (out / SFT_STATE).write_text(json.dumps(state, indent=2))
+    return state
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="SFT warm start of projector + LoRA")
+    parser.add_argument("--config", default="configs/default.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    state = run_sft(load_config(args.config, args.overrides))
+    print(json.dumps({k: v for k, v in state.items() if k != "history"}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""The ranker: ground-truth oracle, strict ordering parser, RankerWorker retries/fallbacks, local judge."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+import torch
+
+from rlaif_ray.algo.advantages import ranks_from_orderings
+from rlaif_ray.config import RankerConfig
+from rlaif_ray.groups import Group
+from rlaif_ray.ranker import (
+    GroundTruthRanker,
+    InvalidOrdering,
+    JudgeRanker,
+    Ordering,
+    RankerBackend,
+    RankerWorker,
+    build_ranking_prompt,
+    format_ordering,
+    make_backend,
+    normalize_answer,
+    parse_ordering,
+)
+
+
+def make_group(completions: list[str], reference: str | None = "red circle", group_id: str = "g0") -> Group:
+    return Group(
+        group_id=group_id,
+        example_id="ex0",
+        video="videos/ex0.mp4",
+        question="What shape is moving?",
+        reference=reference,
+        completions=completions,
+        completion_ids=[[1, 2] for _ in completions],
+        logprobs=[[-0.5, -0.5] for _ in completions],
+        weight_version=0,
+    )
+
+
+def gt_ranks(reference: str, candidates: list[str]) -> list[float]:
+    ordering = GroundTruthRanker().rank("q", reference, candidates)
+    return ranks_from_orderings([ordering], len(candidates))[0].tolist()
+
+
+# --------------------------------------------------------------------------- ground truth
+
+
+def test_normalize_answer() -> None:
+    assert normalize_answer("  The RED, circle!\n") == "the red circle"
+    assert normalize_answer("moving_left.") == "moving left"
+
+
+def test_ground_truth_correct_before_wrong() -> None:
+    ranks = gt_ranks("red circle", ["blue square", "Red circle.", "red square", "red circle"])
+    assert ranks[1] == ranks[3] == 0.5
+    assert min(ranks[0], ranks[2]) > 0.5
+
+
+def test_ground_truth_closer_wrong_answers_first() -> None:
+    reference = "red circle moving left"
+    candidates = [
+        "green triangle",
+        "blue square moving right",
+        "red circle moving right",
+        "red circle moving left",
+    ]
+    assert gt_ranks(reference, candidates) == [3.0, 2.0, 1.0, 0.0]
+
+
+def test_ground_truth_concision_among_equally_close() -> None:
+    # Same token F1 (0.5) against "red circle": the shorter answer wins; same for F1 0.
+    assert gt_ranks("red circle", ["red circle big huge shiny spinning", "red square"]) == [1.0, 0.0]
+    assert gt_ranks("red circle", ["blue square", "blue"]) == [1.0, 0.0]
+
+
+def test_ground_truth_identical_answers_tie() -> None:
+    ordering = GroundTruthRanker().rank("q", "red circle", ["blue!", "Red circle", "red  circle.", "Blue"])
+    assert ordering == [[1, 2], [0, 3]]
+    assert gt_ranks("red", ["blue", "blue", "blue"]) == [1.0, 1.0, 1.0]
+
+
+def test_ground_truth_permutation_equivariant() -> None:
+    reference = "red circle moving left"
+    candidates = [
+        "red circle moving left",
+        "red circle",
+        "blue square",
+        "red circle moving right",
+        "left",
+        "blue",
+    ]
+    ranks = gt_ranks(reference, candidates)
+    rng = random.Random(0)
+    for _ in range(5):
+        perm = list(range(len(candidates)))
+        rng.shuffle(perm)
+        assert gt_ranks(reference, [candidates[i] for i in perm]) == [ranks[i] for i in perm]
+
+
+def test_ground_truth_scores_and_missing_reference() -> None:
+    ranker = GroundTruthRanker()
+    assert ranker.scores("Red circle", ["red circle!", "red square", "RED CIRCLE"]) == [1.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="reference"):
+        ranker.rank("q", None, ["a", "b"])
+
+
+def test_make_backend_by_name() -> None:
+    assert isinstance(make_backend(RankerConfig()), GroundTruthRanker)
+    with pytest.raises(ValueError, match="unknown ranker backend 'nope'"):
+        make_backend(RankerConfig(backend="nope"))  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- prompt and parser
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("ranking: 2 > 0 = 3 > 1", [2, [0, 3], 1]),
+        ("RANKING:2>0=3>1", [2, [0, 3], 1]),
+        ("  Ranking :\t3 >2>  1 >0  ", [3, 2, 1, 0]),
+        ("I compared them carefully.\nranking: 0 = 1 = 2 = 3\n", [[0, 1, 2, 3]]),
+    ],
+)
+def test_parse_ordering_accepts(text: str, expected: Ordering) -> None:
+    assert parse_ordering(text, 4) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("ranking: 2 > 0 > 1", r"indices \[3\] missing"),
+        ("ranking: 2 > 0 = 2 > 1 > 3", "index 2 appears twice"),
+        ("ranking: 2 > 0 > 1 > 4", "index 4 out of range 0..3"),
+        ("ranking: 2 > 0 > 1 > 3.", r"'3\.' is not a candidate index"),
+        ("ranking: 2 > 0 > 1 > 3 because 2 is right", "is not a candidate index"),
+        ("ranking: 2 >> 0 > 1 > 3", "empty tier"),
+        ("Final ranking: 2 > 0 > 1 > 3", "text before 'ranking:'"),
+        ("ranking: 2 > 0 > 1 > 3\nranking: 0 > 1 > 2 > 3", "2 'ranking:' lines"),
+        ("The best answer is 2, then 0, 3 and 1.", "no 'ranking:' line"),
+        ("", "no 'ranking:' line"),
+    ],
+)
+def test_parse_ordering_rejects(text: str, problem: str) -> None:
+    with pytest.raises(InvalidOrdering, match=problem) as info:
+        parse_ordering(text, 4)
+    assert repr(text)[:40] in str(info.value)  # the message quotes the answer
+
+
+def test_parse_ordering_truncates_long_answers() -> None:
+    text = "no ranking here " * 100
+    with pytest.raises(InvalidOrdering) as info:
+        parse_ordering(text, 3)
+    assert len(str(info.value)) < 300 and "1600 chars" in str(info.value)
+
+
+def test_format_ordering_round_trip() -> None:
+    for ordering in ([2, [0, 3], 1], [[0, 1, 2, 3]], [3, 2, 1, 0]):
+        assert parse_ordering(format_ordering(ordering), 4) == ordering
+    assert format_ordering([2, [0, 3], 1]) == "ranking: 2 > 0 = 3 > 1"
+
+
+def test_ranking_prompt_lists_everything_and_its_example_parses() -> None:
+    prompt = build_ranking_prompt("What shape\nis moving?", "red circle", ["blue", "red\ncircle", ""])
+    assert "Question: What shape is moving?" in prompt
+    assert "Reference answer: red circle" in prompt
+    assert "[0] blue\n[1] red circle\n[2] (empty answer)" in prompt
+    assert parse_ordering(prompt, 3) == [2, [1, 0]]  # its one format line is a valid ordering
+    assert "Reference answer" not in build_ranking_prompt("q", None, ["a", "b"])
+
+
+# --------------------------------------------------------------------------- worker
+
+
+class ScriptedRanker(RankerBackend):
+    """Answers with the scripted judge texts in turn, parsed strictly; the last one repeats."""
+
+    def __init__(self, texts: list[str]) -> None:
+        self.texts = texts
+        self.calls = 0
+
+    def rank(self, question: str, reference: str | None, candidates: list[str]) -> Ordering:
+        text = self.texts[min(self.calls, len(self.texts) - 1)]
+        self.calls += 1
+        return parse_ordering(text, len(candidates))
+
+
+class FixedRanker(RankerBackend):
+    """Returns the same ordering object every time, valid or not, or raises the given error."""
+
+    def __init__(self, answer: Ordering | Exception) -> None:
+        self.answer = answer
+
+    def rank(self, question: str, reference: str | None, candidates: list[str]) -> Ordering:
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def test_worker_retries_nonsense_then_accepts(caplog: pytest.LogCaptureFixture) -> None:
+    backend = ScriptedRanker(["I cannot decide.", "ranking: 0 > 1", "ranking: 1 > 0 = 2"])
+    worker = RankerWorker(RankerConfig(max_retries=2), group_size=3, backend=backend)
+    with caplog.at_level(logging.WARNING, logger="rlaif_ray.ranker.worker"):
+        group = worker.rank_group(make_group(["a", "b", "c"], group_id="grp-7"))
+    assert group.rank_status == "ok"
+    assert group.ranks == [1.5, 0.0, 1.5]
+    assert group.rank_attempts == 3 and backend.calls == 3
+    assert group.scores is None  # this backend only ranks
+    assert group.rank_s > 0
+    stats = worker.stats()
+    assert stats["groups"] == 1 and stats["ok"] == 1
+    assert stats["attempts"] == 3 and stats["retries"] == 2 and stats["invalid"] == 2
+    assert stats["fallbacks"] == 0 and stats["dropped"] == 0
+    assert stats["errors"] == {"InvalidOrdering": 2}
+    assert stats["rank_s"] >= group.rank_s
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2 and all("grp-7" in w for w in warnings)
+    assert "I cannot decide." in warnings[0] and "indices [2] missing" in warnings[1]
+
+
+def test_worker_falls_back_to_tie_when_always_nonsense() -> None:
+    worker = RankerWorker(RankerConfig(max_retries=2), group_size=4, backend=ScriptedRanker(["best is 2"]))
+    group = worker.rank_group(make_group(["a", "b", "c", "d"]))
+    assert group.rank_status == "fallback_tie"
+    assert group.ranks == [1.5, 1.5, 1.5, 1.5]
+    assert group.rank_attempts == 3
+    stats = worker.stats()
+    assert stats["fallbacks"] == 1 and stats["ok"] == 0 and stats["invalid"] == 3 and stats["retries"] == 2
+
+
+def test_worker_drops_when_configured() -> None:
+    cfg = RankerConfig(max_retries=1, fallback="drop")
+    worker = RankerWorker(cfg, group_size=3, backend=ScriptedRanker(["ranking: 0 > 1 > 1"]))
+    groups = worker.rank_groups([make_group(["a", "b", "c"], group_id=f"g{i}") for i in range(3)])
+    assert [g.rank_status for g in groups] == ["dropped"] * 3
+    assert all(g.ranks is None and g.rank_attempts == 2 for g in groups)
+    stats = worker.stats()
+    assert (
+        stats["dropped"] == 3 and stats["fallbacks"] == 0 and stats["attempts"] == 6 and stats["invalid"] == 6
+    )
+
+
+def test_worker_never_accepts_an_invalid_ordering_object() -> None:
+    worker = RankerWorker(RankerConfig(max_retries=1), group_size=3, backend=FixedRanker([0, [0, 2]]))
+    group = worker.rank_group(make_group(["a", "b", "c"]))
+    assert group.rank_status == "fallback_tie" and group.ranks == [1.0, 1.0, 1.0]
+    assert worker.stats()["invalid"] == 2
+
+
+def test_worker_counts_backend_errors_by_kind() -> None:
+    backend = FixedRanker(ConnectionError("judge unreachable"))
+    worker = RankerWorker(RankerConfig(max_retries=0), group_size=2, backend=backend)
+    group = worker.rank_group(make_group(["a", "b"]))
+    assert group.rank_status == "fallback_tie" and group.rank_attempts == 1
+    stats = worker.stats()
+    assert stats["errors"] == {"ConnectionError": 1} and stats["invalid"] == 0 and stats["retries"] == 0
+
+
+def test_worker_with_ground_truth_fills_ranks_and_scores() -> None:
+    worker = RankerWorker(RankerConfig(), group_size=4)
+    groups = worker.rank_groups(
+        [
+            make_group(["blue", "red circle", "red square", "Red circle!"], group_id="a"),
+            make_group(["blue", "red circle", "red", "green"], reference=None, group_id="b"),
+        ]
+    )
+    assert groups[0].rank_status == "ok" and groups[0].rank_attempts == 1
+    assert groups[0].ranks == [3.0, 0.5, 2.0, 0.5]
+    assert groups[0].scores == [0.0, 1.0, 0.0, 1.0]
+    # No reference: the ground-truth oracle cannot rank it; counted, tied, no scores.
+    assert groups[1].rank_status == "fallback_tie" and groups[1].scores is None
+    stats = worker.stats()
+    assert stats["groups"] == 2 and stats["ok"] == 1 and stats["errors"] == {"ValueError": 3}
+
+
+def test_worker_rejects_groups_of_the_wrong_size() -> None:
+    worker = RankerWorker(RankerConfig(), group_size=4)
+    with pytest.raises(ValueError, match="has 3 answers; this ranker expects 4"):
+        worker.rank_group(make_group(["a", "b", "c"]))
+
+
+# --------------------------------------------------------------------------- local judge
+
+
+def build_tiny_judge(folder: str) -> None:
+    """A random 1-layer Llama and a word-level tokenizer, written like a real checkpoint folder.
+
+    The vocabulary lacks the word "ranking", so the judge can never produce a valid answer.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+    words = (
+        "you are a strict judge rank the candidate answers to question about video red blue circle".split()
+    )
+    vocab = {token: i for i, token in enumerate(specials + words + list("0123456789>=:[]().,;'"))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]"
+    )
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+
+
+def test_judge_backend_runs_end_to_end_and_its_garbage_is_rejected(tmp_path) -> None:
+    build_tiny_judge(str(tmp_path))
+    cfg = RankerConfig(backend="judge", judge_model_path=str(tmp_path), judge_max_new_tokens=8, max_retries=1)
+    judge = make_backend(cfg)
+    assert isinstance(judge, JudgeRanker)
+    prompt = build_ranking_prompt("What shape is moving?", "red circle", ["red circle", "blue", "red"])
+    text = judge.generate(prompt)
+    assert text == judge.generate(prompt)  # greedy decoding is deterministic
+    assert "ranking" not in text.lower()
+    with pytest.raises(InvalidOrdering, match="no 'ranking:' line"):
+        judge.rank("What shape is moving?", "red circle", ["red circle", "blue", "red"])
+
+    worker = RankerWorker(cfg, group_size=3, backend=judge)
+    group = worker.rank_group(make_group(["red circle", "blue", "red"]))
+    assert group.rank_status == "fallback_tie" and group.ranks == [1.0, 1.0, 1.0]
+    assert group.rank_attempts == 2
+    stats = worker.stats()
+    assert stats["invalid"] == 2 and stats["fallbacks"] == 1 and stats["errors"] == {"InvalidOrdering": 2}

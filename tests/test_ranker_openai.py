@@ -1,0 +1,267 @@
+"""The ``openai`` ranker backend against a real OpenAI-compatible HTTP server on 127.0.0.1.
+
+The server (stdlib ``ThreadingHTTPServer``) answers POST /v1/chat/completions. Its behaviour is
+scripted per test: rank the candidates it reads from the prompt with the ground-truth rule, answer
+garbage, fail the first k calls with an HTTP status, or sleep before answering. It records the
+Authorization headers, the request bodies and the most requests it had in flight at once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from rlaif_ray.algo.advantages import ranks_from_orderings
+from rlaif_ray.config import RankerConfig
+from rlaif_ray.groups import Group
+from rlaif_ray.ranker import GroundTruthRanker, OpenAIRanker, RankerWorker, format_ordering, make_backend
+
+KEY_ENV = "RLAIF_RAY_TEST_JUDGE_KEY"
+_CANDIDATE_LINE = re.compile(r"^\[(\d+)\] (.*)$", re.MULTILINE)
+_REFERENCE_LINE = re.compile(r"^Reference answer: (.*)$", re.MULTILINE)
+
+
+def rank_by_reference(prompt: str) -> str:
+    """A well-behaved judge: reasons in one line, then ranks the prompt's candidates by the reference."""
+    reference = _REFERENCE_LINE.search(prompt)
+    candidates = [text for _, text in _CANDIDATE_LINE.findall(prompt)]
+    ordering = GroundTruthRanker().rank("", reference.group(1) if reference else "", candidates)
+    return "I compared every candidate with the reference.\n" + format_ordering(ordering)
+
+
+class FakeJudgeServer:
+    """A scriptable OpenAI-compatible chat-completions server on an ephemeral port."""
+
+    def __init__(self) -> None:
+        self.reply: Callable[[str], str] = rank_by_reference
+        self.fail_first = 0
+        self.fail_status = 500
+        self.delay_s = 0.0
+        self.calls = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.auth_headers: list[str | None] = []
+        self.bodies: list[dict] = []
+        self.lock = threading.Lock()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.httpd.judge = self  # type: ignore[attr-defined]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def handle(self, body: dict, authorization: str | None) -> tuple[int, dict]:
+        with self.lock:
+            self.calls += 1
+            call = self.calls
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self.auth_headers.append(authorization)
+            self.bodies.append(body)
+        try:
+            time.sleep(self.delay_s)
+            if call <= self.fail_first:
+                return self.fail_status, {
+                    "error": {"message": f"scripted failure {call}", "type": "server_error"}
+                }
+            content = self.reply(body["messages"][-1]["content"])
+            return 200, {
+                "id": f"chatcmpl-{call}",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": content},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            }
+        finally:
+            with self.lock:  # before the reply is written, so the client cannot overlap the next call
+                self.in_flight -= 1
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        if self.path != "/v1/chat/completions":
+            self._send(404, {"error": {"message": f"no route {self.path}"}})
+            return
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        status, payload = self.server.judge.handle(body, self.headers.get("Authorization"))  # type: ignore[attr-defined]
+        self._send(status, payload)
+
+    def _send(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client timed out and left
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Keep the test output quiet."""
+
+
+@pytest.fixture
+def server() -> Iterator[FakeJudgeServer]:
+    judge = FakeJudgeServer()
+    judge.thread.start()
+    yield judge
+    judge.httpd.shutdown()
+    judge.httpd.server_close()
+
+
+def openai_cfg(server: FakeJudgeServer, **overrides: object) -> RankerConfig:
+    values: dict = dict(
+        backend="openai",
+        openai_base_url=server.base_url,
+        openai_model="tiny-judge",
+        openai_api_key_env=KEY_ENV,
+        openai_timeout_s=2.0,
+        openai_backoff_s=0.01,
+        openai_max_concurrency=2,
+        max_retries=2,
+    )
+    values.update(overrides)
+    return RankerConfig(**values)
+
+
+def make_group(completions: list[str], group_id: str = "g0", reference: str | None = "red circle") -> Group:
+    return Group(
+        group_id=group_id,
+        example_id="ex0",
+        video="videos/ex0.mp4",
+        question="What shape is moving?",
+        reference=reference,
+        completions=completions,
+        completion_ids=[[1] for _ in completions],
+        logprobs=[[-1.0] for _ in completions],
+        weight_version=3,
+    )
+
+
+ANSWERS = ["blue square", "red circle", "red square", "Red circle."]
+
+
+def test_ranks_a_group_through_http(server: FakeJudgeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, "sk-test-123")
+    cfg = openai_cfg(server)
+    worker = RankerWorker(cfg, group_size=4)
+    assert isinstance(worker.backend, OpenAIRanker)
+    group = worker.rank_group(make_group(ANSWERS))
+    expected = ranks_from_orderings([GroundTruthRanker().rank("", "red circle", ANSWERS)], 4)[0].tolist()
+    assert group.rank_status == "ok" and group.rank_attempts == 1
+    assert group.ranks == expected == [3.0, 0.5, 2.0, 0.5]
+    assert group.scores is None  # an API judge ranks, it does not score
+    assert server.auth_headers == ["Bearer sk-test-123"]
+    body = server.bodies[0]
+    assert body["model"] == "tiny-judge" and body["temperature"] == 0.0
+    prompt = body["messages"][-1]["content"]
+    assert "What shape is moving?" in prompt and "Reference answer: red circle" in prompt
+    assert all(f"[{i}] {answer}" in prompt for i, answer in enumerate(ANSWERS))
+    assert worker.stats()["errors"] == {}
+
+
+def test_missing_key_env_sends_dummy_key(server: FakeJudgeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    ordering = make_backend(openai_cfg(server)).rank("q", "red", ["blue", "red"])
+    assert ordering == [1, 0]
+    assert server.auth_headers == ["Bearer EMPTY"]
+
+
+def test_garbage_answers_fall_back_to_tie(server: FakeJudgeServer) -> None:
+    server.reply = lambda prompt: "Candidate 1 is clearly the best one."
+    worker = RankerWorker(openai_cfg(server, max_retries=2), group_size=4)
+    group = worker.rank_group(make_group(ANSWERS))
+    assert group.rank_status == "fallback_tie" and group.ranks == [1.5] * 4
+    assert server.calls == 3
+    stats = worker.stats()
+    assert stats["invalid"] == 3 and stats["fallbacks"] == 1 and stats["errors"] == {"InvalidOrdering": 3}
+
+
+@pytest.mark.parametrize("status", [500, 429])
+def test_transient_errors_are_retried_with_backoff(server: FakeJudgeServer, status: int) -> None:
+    server.fail_first, server.fail_status = 2, status
+    worker = RankerWorker(openai_cfg(server, max_retries=2, openai_backoff_s=0.05), group_size=4)
+    start = time.perf_counter()
+    group = worker.rank_group(make_group(ANSWERS))
+    assert time.perf_counter() - start >= 0.05 + 0.1  # back-off 0.05 s, then 0.1 s
+    assert group.rank_status == "ok" and group.ranks == [3.0, 0.5, 2.0, 0.5]
+    assert server.calls == 3
+    assert worker.backend.transport_retries == 2
+    stats = worker.stats()
+    assert stats["attempts"] == 1 and stats["errors"] == {}
+
+
+def test_persistent_server_errors_are_counted_and_fall_back(server: FakeJudgeServer) -> None:
+    server.fail_first = 100
+    worker = RankerWorker(openai_cfg(server, max_retries=1), group_size=4)
+    group = worker.rank_group(make_group(ANSWERS))
+    assert group.rank_status == "fallback_tie" and group.rank_attempts == 2
+    assert server.calls == 4  # 2 worker attempts x (1 call + 1 back-off retry)
+    assert worker.stats()["errors"] == {"InternalServerError": 2}
+
+
+def test_client_errors_are_not_retried_by_backoff(server: FakeJudgeServer) -> None:
+    server.fail_first, server.fail_status = 100, 400
+    worker = RankerWorker(openai_cfg(server, max_retries=1), group_size=4)
+    assert worker.rank_group(make_group(ANSWERS)).rank_status == "fallback_tie"
+    assert server.calls == 2  # one call per worker attempt
+    assert worker.backend.transport_retries == 0
+    assert worker.stats()["errors"] == {"BadRequestError": 2}
+
+
+def test_timeout_is_a_counted_failure(server: FakeJudgeServer) -> None:
+    server.delay_s = 0.5
+    cfg = openai_cfg(server, openai_timeout_s=0.1, max_retries=1, fallback="drop")
+    worker = RankerWorker(cfg, group_size=4)
+    group = worker.rank_group(make_group(ANSWERS))
+    assert group.rank_status == "dropped" and group.ranks is None
+    assert worker.backend.transport_retries == 2
+    # 2 worker attempts x (1 call + 1 back-off retry), all timed out; the server may log the last late.
+    deadline = time.monotonic() + 2.0
+    while server.calls < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.calls == 4
+    stats = worker.stats()
+    assert stats["dropped"] == 1 and stats["errors"] == {"APITimeoutError": 2}
+
+
+def test_concurrency_limit_through_rank_groups(server: FakeJudgeServer) -> None:
+    server.delay_s = 0.2
+    worker = RankerWorker(openai_cfg(server, openai_max_concurrency=2), group_size=4)
+    groups = worker.rank_groups([make_group(ANSWERS, group_id=f"g{i}") for i in range(6)])
+    assert [g.rank_status for g in groups] == ["ok"] * 6
+    assert all(g.ranks == [3.0, 0.5, 2.0, 0.5] for g in groups)
+    assert server.calls == 6
+    assert server.max_in_flight == 2  # never more than the limit, and it did overlap
+
+
+def test_semaphore_bounds_direct_callers(server: FakeJudgeServer) -> None:
+    server.delay_s = 0.2
+    backend = make_backend(openai_cfg(server, openai_max_concurrency=2))
+    results: list[object] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(backend.rank("q", "red", ["blue", "red"])))
+        for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [[1, 0]] * 4
+    assert server.calls == 4 and server.max_in_flight == 2
