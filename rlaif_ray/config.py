@@ -337,6 +337,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         _check(isinstance(value, int) and not isinstance(value, bool), key, value, "an integer")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML reads exponent floats without a dot (``5e-3``) as strings.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         _check(isinstance(value, int | float) and not isinstance(value, bool), key, value, "a number")
         return float(value)
     if tp is str:

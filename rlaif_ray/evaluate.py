@@ -1,4 +1,4 @@
-"""Held-out exact-match accuracy of a policy: greedy answers judged by the ground-truth oracle.
+"""Held-out exact-match accuracy: greedy answers judged by the ground-truth oracle's rule.
 
     python -m rlaif_ray.evaluate --checkpoint DIR --data test.jsonl [--out result.json]
 """
@@ -8,51 +8,58 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
-from rlaif_ray.config import ModelConfig, load_config
+from rlaif_ray.config import load_config
 from rlaif_ray.data.dataset import VideoQAExample, load_jsonl
 from rlaif_ray.data.frames import FrameStore
 from rlaif_ray.models.policy import VideoLMPolicy
 from rlaif_ray.ranker.backends import normalize_answer
 
+AnswerFn = Callable[[list[np.ndarray], list[str]], list[str]]
 
-@torch.no_grad()
-def evaluate(policy: VideoLMPolicy, examples: list[VideoQAExample], store: FrameStore, batch_size: int = 64,
-             max_new_tokens: int = 6) -> dict[str, Any]:
-    """Greedy-decode every example with an answer; return accuracy overall and per question type.
 
-    An answer is correct when its normalised text equals the normalised reference (the same
-    rule as the ground-truth oracle). Examples whose video does not decode are skipped and counted.
+def greedy_answer_fn(policy: VideoLMPolicy, max_new_tokens: int) -> AnswerFn:
+    """Greedy answers of ``policy`` (the evaluation decoding)."""
+
+    def answer(frames: list[np.ndarray], questions: list[str]) -> list[str]:
+        return policy.sample_frames(frames, questions, 1, 1.0, 1.0, max_new_tokens, greedy=True).texts
+
+    return answer
+
+
+def evaluate(answer_fn: AnswerFn, examples: list[VideoQAExample], store: FrameStore,
+             batch_size: int = 64) -> dict[str, Any]:
+    """Answer every example that has a reference; accuracy overall and per question type.
+
+    An answer is correct when its normalised text equals the normalised reference (the
+    ground-truth oracle's rule). Examples whose video does not decode are skipped and counted.
     """
-    was_training = policy.training
-    policy.eval()
     correct: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)
     skipped = 0
     scored = [ex for ex in examples if ex.answer is not None]
     for start in range(0, len(scored), batch_size):
-        rows, pixels = [], []
+        rows, frames = [], []
         for ex in scored[start:start + batch_size]:
-            frames = store.try_get(ex.video)
-            if frames is None:
+            clip = store.try_get(ex.video)
+            if clip is None:
                 skipped += 1
                 continue
             rows.append(ex)
-            pixels.append(policy.preprocess(frames))
+            frames.append(clip)
         if not rows:
             continue
-        samples = policy.sample(torch.stack(pixels), [policy.prompt_ids(ex.question) for ex in rows], group_size=1,
-                                temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens, greedy=True)
-        for ex, text in zip(rows, samples.texts, strict=True):
+        texts = answer_fn(frames, [ex.question for ex in rows])
+        for ex, text in zip(rows, texts, strict=True):
             hit = int(normalize_answer(text) == normalize_answer(ex.answer or ""))
             for key in ("all", ex.type or "untyped"):
                 correct[key] += hit
                 total[key] += 1
-    policy.train(was_training)
     n = total["all"]
     return {
         "accuracy": correct["all"] / n if n else 0.0,
@@ -70,10 +77,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="where to write the JSON result")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
-    model_cfg: ModelConfig = load_config(args.config).model
-    policy = VideoLMPolicy.from_folder(args.checkpoint, model_cfg)
+    cfg = load_config(args.config)
+    policy = VideoLMPolicy.from_folder(args.checkpoint, cfg.model)
+    policy.eval()
+    store = FrameStore(cfg.model.num_frames, policy.image_size)
     examples = load_jsonl(args.data, on_error="skip")
-    result = evaluate(policy, examples, FrameStore(model_cfg.num_frames, policy.image_size), args.batch_size)
+    result = evaluate(greedy_answer_fn(policy, cfg.rollout.max_new_tokens), examples, store, args.batch_size)
     result.update({"checkpoint": str(args.checkpoint), "data": str(args.data)})
     text = json.dumps(result, indent=2)
     print(text)

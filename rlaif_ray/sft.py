@@ -22,7 +22,7 @@ import torch
 from rlaif_ray.config import Config, load_config
 from rlaif_ray.data.dataset import VideoQAExample, load_jsonl
 from rlaif_ray.data.frames import FrameStore
-from rlaif_ray.evaluate import evaluate
+from rlaif_ray.evaluate import evaluate, greedy_answer_fn
 from rlaif_ray.learner.engine import build_engine, init_distributed
 from rlaif_ray.models.policy import VideoLMPolicy
 from rlaif_ray.prepare import ensure_data, ensure_model
@@ -96,7 +96,9 @@ def run_sft(cfg: Config) -> dict[str, Any]:
             engine.step()
             record: dict[str, Any] = {"step": step, "loss": loss.item(), "wall_s": time.time() - start}
             if step % cfg.sft.eval_every == 0 or step == cfg.sft.steps:
-                record["val"] = evaluate(policy, val, store, max_new_tokens=cfg.rollout.max_new_tokens)
+                policy.eval()
+                record["val"] = evaluate(greedy_answer_fn(policy, cfg.rollout.max_new_tokens), val, store)
+                policy.train()
                 history.append({"step": step, "wall_s": record["wall_s"], "val_accuracy": record["val"]["accuracy"]})
             if step % cfg.sft.log_every == 0 or "val" in record:
                 val_text = f" val_acc={record['val']['accuracy']:.3f}" if "val" in record else ""

@@ -23,7 +23,7 @@ from rlaif_ray.algo.losses import grpo_loss
 from rlaif_ray.config import Config
 from rlaif_ray.data.frames import FrameStore
 from rlaif_ray.groups import Group
-from rlaif_ray.learner.engine import build_engine, init_distributed, set_micro_batches
+from rlaif_ray.learner.engine import build_engine, free_port, init_distributed, set_micro_batches
 from rlaif_ray.models.policy import ADAPTER_DIR, VideoLMPolicy
 
 log = logging.getLogger(__name__)
@@ -105,28 +105,39 @@ def _pad(rows: list[list[float]], width: int) -> torch.Tensor:
 class LearnerWorker:
     """One rank of the DeepSpeed learner: holds the policy, trains it, exports its weights."""
 
-    def __init__(self, cfg: Config, model_dir: str, rank: int = 0, world_size: int = 1,
-                 master_addr: str = "127.0.0.1", master_port: int | None = None) -> None:
+    def __init__(self, cfg: Config, model_dir: str, rank: int = 0, world_size: int = 1) -> None:
         self.cfg = cfg
+        self.model_dir = model_dir
         self.rank = rank
         self.world_size = world_size
+        self.version = 0
+
+    @staticmethod
+    def address() -> tuple[str, int]:
+        """This node's IP and a free port: rank 0's answer is every rank's rendezvous point."""
+        import ray
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def setup(self, master_addr: str = "127.0.0.1", master_port: int | None = None) -> int:
+        """Join the process group, load the policy and build the DeepSpeed engine (all ranks at once)."""
+        cfg, lc = self.cfg, self.cfg.learner
         torch.manual_seed(cfg.seed)
-        init_distributed(cfg.learner.backend, rank, world_size, master_addr, master_port)
-        self.policy = VideoLMPolicy.from_folder(model_dir, cfg.model, seed=cfg.seed)
+        init_distributed(lc.backend, self.rank, self.world_size, master_addr, master_port)
+        self.policy = VideoLMPolicy.from_folder(self.model_dir, cfg.model, seed=cfg.seed)
         # The warm-start adapter becomes the frozen reference of the KL penalty.
-        if (Path(model_dir) / ADAPTER_DIR).is_dir():
+        if (Path(self.model_dir) / ADAPTER_DIR).is_dir():
             self.policy.freeze_reference()
         self.store = FrameStore(cfg.model.num_frames, self.policy.image_size)
-        lc = cfg.learner
         self.engine = build_engine(self.policy, lr=lc.lr, weight_decay=lc.weight_decay, zero_stage=lc.zero_stage,
                                    grad_clip=lc.grad_clip, micro_batch_size=lc.micro_batch_size,
                                    dtype=cfg.model.dtype)
         # A fixed number of micro-batches per step (DeepSpeed counts accumulation boundaries
         # cumulatively), sized for a full batch; a smaller batch leaves some micro-batches light.
-        full_batch = math.ceil(cfg.rl.prompts_per_step * cfg.rl.group_size / world_size)
+        full_batch = math.ceil(cfg.rl.prompts_per_step * cfg.rl.group_size / self.world_size)
         self.n_micro = math.ceil(full_batch / lc.micro_batch_size)
         set_micro_batches(self.engine, self.n_micro)
-        self.version = 0
+        return self.rank
 
     def train_step(self, groups: list[Group]) -> dict[str, float]:
         """One optimizer step per epoch on the ranked ``groups`` (the same list on every rank)."""

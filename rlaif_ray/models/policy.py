@@ -163,6 +163,11 @@ class VideoLMPolicy(nn.Module):
         self.has_reference_adapter = False
         self.reference_projector: Projector | None = None
 
+    def train(self, mode: bool = True) -> VideoLMPolicy:
+        super().train(mode)
+        self.vision.eval()  # frozen: never in training mode
+        return self
+
     # ----------------------------------------------------------------- loading and saving
     @classmethod
     def from_folder(cls, folder: str | Path, cfg: ModelConfig, seed: int = 0) -> VideoLMPolicy:
@@ -381,6 +386,13 @@ class VideoLMPolicy(nn.Module):
             logp_out.append(row_logp[:n])
             texts.append(self.decode_answer(row[:n]))
         return Samples(token_ids=ids_out, logprobs=logp_out, texts=texts)
+
+    def sample_frames(self, frames: list[np.ndarray], questions: list[str], group_size: int, temperature: float,
+                      top_p: float, max_new_tokens: int, greedy: bool = False) -> Samples:
+        """:meth:`sample` from decoded uint8 frames and question texts."""
+        pixels = torch.stack([self.preprocess(f) for f in frames])
+        prompts = [self.prompt_ids(q) for q in questions]
+        return self.sample(pixels, prompts, group_size, temperature, top_p, max_new_tokens, greedy=greedy)
 
     def decode_answer(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()

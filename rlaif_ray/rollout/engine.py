@@ -20,6 +20,8 @@ class RolloutEngine(abc.ABC):
     """Samples answers under the weight version it serves."""
 
     version: int = 0
+    # Frames are decoded at this size (the vision encoder's input size).
+    image_size: int
 
     @abc.abstractmethod
     def sample(self, frames: list[np.ndarray], questions: list[str], group_size: int,
@@ -38,14 +40,14 @@ class HFEngine(RolloutEngine):
         self.cfg = cfg
         self.policy = VideoLMPolicy.from_folder(model_dir, cfg.model, seed=cfg.seed)
         self.policy.eval()
+        self.image_size = self.policy.image_size
         self.version = 0
 
     def sample(self, frames: list[np.ndarray], questions: list[str], group_size: int,
                greedy: bool = False) -> Samples:
-        pixels = torch.stack([self.policy.preprocess(f) for f in frames])
-        prompts = [self.policy.prompt_ids(q) for q in questions]
         r = self.cfg.rollout
-        return self.policy.sample(pixels, prompts, group_size, r.temperature, r.top_p, r.max_new_tokens, greedy=greedy)
+        return self.policy.sample_frames(frames, questions, group_size, r.temperature, r.top_p, r.max_new_tokens,
+                                         greedy=greedy)
 
     def load_weights(self, version: int, state: dict[str, torch.Tensor]) -> None:
         self.policy.load_trainable_state_dict(state)

@@ -1,0 +1,266 @@
+"""The entry point: config -> SFT warm start -> Ray actors -> GRPO_rank loop -> run folder.
+
+    python -m rlaif_ray.launch --config configs/default.yaml [key=value ...]
+    ray job submit --working-dir . -- python -m rlaif_ray.launch --config configs/default.yaml
+
+As a plain command it starts a local Ray; under ``ray job submit`` (``RAY_ADDRESS`` is set) it
+joins that cluster. Per step: the rollout actors sample a group per prompt, the ranker pool
+orders each group, every learner rank takes one GRPO_rank step, and learner 0's new LoRA +
+projector weights go through the object store to every rollout actor before it samples again.
+The run folder holds ``config.yaml``, ``metrics.jsonl``, ``summary.json`` and ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import ray
+import yaml
+
+from rlaif_ray.config import Config, load_config
+from rlaif_ray.data.dataset import VideoQAExample, load_jsonl
+from rlaif_ray.groups import Group
+from rlaif_ray.learner.worker import LearnerWorker, shard
+from rlaif_ray.prepare import ensure_data, ensure_model
+from rlaif_ray.ranker.pool import RankerPool
+from rlaif_ray.rollout.worker import RolloutWorker
+from rlaif_ray.sft import finished_checkpoint, run_sft
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(cfg: Config) -> None:
+    """Join the cluster named by RAY_ADDRESS (``ray job submit``), else start a local one."""
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    if cfg.learner.backend == "gloo":
+        env["DS_ACCELERATOR"] = "cpu"
+    runtime_env = {"env_vars": env}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=runtime_env)
+        return
+    # Logical CPUs: enough for every actor at once (they take turns on the real cores).
+    needed = (cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor
+              + cfg.learner.num_actors * cfg.learner.num_cpus_per_actor
+              + cfg.ranker.max_actors * cfg.ranker.num_cpus_per_actor + 1)
+    resources = {cfg.ranker.resource: float(cfg.ranker.max_actors)} if cfg.ranker.resource else {}
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), resources=resources,
+             runtime_env=runtime_env, include_dashboard=False)
+
+
+def warm_start(cfg: Config, model_dir: Path) -> str:
+    """The folder RL starts from: the SFT checkpoint (trained now, or reused), else the base model."""
+    if not cfg.sft.enabled:
+        return str(model_dir)
+    if cfg.sft.reuse and finished_checkpoint(cfg.sft.output_dir):
+        print(f"[launch] reusing the SFT checkpoint in {cfg.sft.output_dir}", flush=True)
+        return cfg.sft.output_dir
+    print(f"[launch] SFT warm start: {cfg.sft.steps} steps -> {cfg.sft.output_dir}", flush=True)
+    # In a task of its own (one process group per process; on a GPU cluster, on a GPU node).
+    task = ray.remote(num_cpus=cfg.learner.num_cpus_per_actor, num_gpus=cfg.learner.num_gpus_per_actor,
+                      max_calls=1)(run_sft)
+    ray.get(task.remote(cfg))
+    return cfg.sft.output_dir
+
+
+def start_learners(cfg: Config, policy_dir: str) -> list[Any]:
+    """``learner.num_actors`` named learner actors forming one torch.distributed group."""
+    lc = cfg.learner
+    actor_cls = ray.remote(LearnerWorker)
+    learners = [
+        actor_cls.options(name=f"learner-{rank}", num_cpus=lc.num_cpus_per_actor, num_gpus=lc.num_gpus_per_actor)
+        .remote(cfg, policy_dir, rank, lc.num_actors)
+        for rank in range(lc.num_actors)
+    ]
+    master_addr, master_port = ray.get(learners[0].address.remote())
+    ray.get([learner.setup.remote(master_addr, master_port) for learner in learners])
+    return learners
+
+
+def start_rollouts(cfg: Config, policy_dir: str) -> list[Any]:
+    """``rollout.num_actors`` named rollout actors, each serving weight version 0."""
+    rc = cfg.rollout
+    actor_cls = ray.remote(RolloutWorker)
+    return [
+        actor_cls.options(name=f"rollout-{rank}", num_cpus=rc.num_cpus_per_actor, num_gpus=rc.num_gpus_per_actor)
+        .remote(cfg, policy_dir, rank)
+        for rank in range(rc.num_actors)
+    ]
+
+
+def sampled_accuracy(groups: list[Group]) -> float | None:
+    """Fraction of sampled answers the oracle scored correct (None when it gives no scores)."""
+    scores = [s for g in groups if g.scores is not None for s in g.scores]
+    return sum(scores) / len(scores) if scores else None
+
+
+class Trainer:
+    """Drives the actors through the GRPO_rank loop and writes the run folder."""
+
+    def __init__(self, cfg: Config, run_dir: Path, policy_dir: str) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.train = load_jsonl(cfg.data.train, on_error=cfg.data.on_bad_line)
+        self.test = load_jsonl(cfg.data.test, on_error=cfg.data.on_bad_line)
+        if cfg.rl.eval_examples:
+            self.test = self.test[:cfg.rl.eval_examples]
+        self.rng = random.Random(cfg.seed)
+        self.learners = start_learners(cfg, policy_dir)
+        self.rollouts = start_rollouts(cfg, policy_dir)
+        self.pool = RankerPool(cfg)
+        self.version = 0
+
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out accuracy of the served version (rollout-0, greedy)."""
+        return ray.get(self.rollouts[0].evaluate.remote(self.test))
+
+    def rollout(self, examples: list[VideoQAExample], step: int) -> list[Group]:
+        n = len(self.rollouts)
+        parts = ray.get([actor.rollout.remote(shard(examples, i, n), step) for i, actor in enumerate(self.rollouts)])
+        return [g for part in parts for g in part]
+
+    def sync_weights(self) -> list[int]:
+        """Learner 0's weights -> object store (one copy) -> every rollout actor; returns served versions."""
+        state_ref = self.learners[0].export_weights.remote()
+        return ray.get([actor.update_weights.remote(self.version, state_ref) for actor in self.rollouts])
+
+    def save(self, name: str) -> str:
+        folder = str(self.run_dir / "checkpoints" / name)
+        ray.get([learner.save.remote(folder) for learner in self.learners])
+        return folder
+
+    def step(self, step: int) -> dict[str, Any]:
+        t0 = time.time()
+        examples = self.rng.sample(self.train, min(self.cfg.rl.prompts_per_step, len(self.train)))
+        groups = self.rollout(examples, step)
+        t1 = time.time()
+        ranked = self.pool.rank(groups)
+        t2 = time.time()
+        groups_ref = ray.put(ranked)
+        learner_stats = ray.get([learner.train_step.remote(groups_ref) for learner in self.learners])[0]
+        t3 = time.time()
+        if not learner_stats.get("skipped_step"):
+            self.version = int(learner_stats["version"])
+            served = self.sync_weights()
+            if any(v != self.version for v in served):
+                raise RuntimeError(f"rollout actors serve versions {served}, expected {self.version}")
+        t4 = time.time()
+        record: dict[str, Any] = {
+            "step": step,
+            "samples": sum(g.size for g in groups),
+            "groups": len(groups),
+            "weight_version": self.version,
+            "rollout_versions": sorted({g.weight_version for g in groups}),
+            "sampled_accuracy": sampled_accuracy(ranked),
+            "ranker": self.pool.stats(),
+            "learner": learner_stats,
+            "time": {"rollout_s": t1 - t0, "rank_s": t2 - t1, "learn_s": t3 - t2, "sync_s": t4 - t3,
+                     "step_s": t4 - t0},
+        }
+        return record
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        start = time.time()
+        before = self.evaluate()
+        print(f"[rl] held-out accuracy before RL: {before['accuracy']:.3f} (n={before['n']})", flush=True)
+        evals = [{"step": 0, **before}]
+        with (self.run_dir / "metrics.jsonl").open("w") as metrics:
+            for step in range(1, cfg.rl.steps + 1):
+                record = self.step(step)
+                if step % cfg.rl.eval_every == 0 and step != cfg.rl.steps:
+                    record["eval"] = self.evaluate()
+                    evals.append({"step": step, **record["eval"]})
+                if step % cfg.rl.checkpoint_every == 0:
+                    record["checkpoint"] = self.save(f"step_{step}")
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                print(progress_line(record, cfg.rl.steps), flush=True)
+        after = self.evaluate() if cfg.rl.steps else before
+        evals.append({"step": cfg.rl.steps, **after})
+        final = self.save("final")
+        summary = {
+            "accuracy_before": before["accuracy"],
+            "accuracy_after": after["accuracy"],
+            "per_type_before": before["per_type"],
+            "per_type_after": after["per_type"],
+            "eval_examples": after["n"],
+            "steps": cfg.rl.steps,
+            "weight_version": self.version,
+            "wall_s": time.time() - start,
+            "evals": evals,
+            "ranker": self.pool.stats(),
+            "rollout": ray.get([a.stats.remote() for a in self.rollouts]),
+            "checkpoint": final,
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"[rl] held-out accuracy after RL: {after['accuracy']:.3f} "
+              f"({after['accuracy'] - before['accuracy']:+.3f}); run folder {self.run_dir}", flush=True)
+        return summary
+
+
+def progress_line(record: dict[str, Any], steps: int) -> str:
+    lrn, t = record["learner"], record["time"]
+    acc = record["sampled_accuracy"]
+    parts = [f"[rl] step {record['step']}/{steps}", f"v{record['weight_version']}",
+             f"sampled_acc={acc:.3f}" if acc is not None else "sampled_acc=n/a"]
+    for key in ("loss", "kl", "clip_frac"):
+        if key in lrn:
+            parts.append(f"{key}={lrn[key]:.4f}")
+    if "eval" in record:
+        parts.append(f"heldout_acc={record['eval']['accuracy']:.3f}")
+    parts.append(f"(rollout {t['rollout_s']:.1f}s rank {t['rank_s']:.1f}s learn {t['learn_s']:.1f}s "
+                 f"sync {t['sync_s']:.1f}s)")
+    return " ".join(parts)
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """Resolve the config's relative paths against the driver's directory (actors run elsewhere)."""
+    cfg = copy.deepcopy(cfg)
+    for section, key in [("data", "train"), ("data", "val"), ("data", "test"), ("data", "synthetic_dir"),
+                         ("model", "path"), ("sft", "output_dir"), ("ranker", "judge_model_path")]:
+        value = getattr(getattr(cfg, section), key)
+        if value:
+            setattr(getattr(cfg, section), key, str(Path(value).absolute()))
+    return cfg
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """The whole pipeline on ``cfg``; returns the summary written to ``summary.json``."""
+    cfg = with_absolute_paths(cfg)
+    run_dir = Path(cfg.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = run_dir.absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+    ensure_data(cfg)
+    model_dir = ensure_model(cfg)
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        init_ray(cfg)
+    try:
+        policy_dir = warm_start(cfg, model_dir)
+        return Trainer(cfg, run_dir, policy_dir).run()
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Oracle-RLAIF (GRPO_rank) on Ray")
+    parser.add_argument("--config", default="configs/default.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. rl.steps=10")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    run(load_config(args.config, args.overrides))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""The vLLM rollout engine (GPU only): the language model in vLLM, one LoRA adapter per weight version.
+
+Per :meth:`VLLMEngine.sample` call: frames -> the policy's preprocessing -> frozen open_clip encoder ->
+projector (torch, on the GPU); the prompt's text tokens are embedded with the LM's input embedding
+table (read from the checkpoint with safetensors, on the GPU) and the visual tokens are spliced in at
+the video placeholder; each video becomes one ``{"prompt_embeds": [L, H]}`` prompt, sampled
+``group_size`` times by ``LLM.generate`` under the served version's ``LoRARequest``.
+:meth:`VLLMEngine.load_weights` copies the projector tensors into the torch projector and writes the
+LoRA tensors as a peft adapter folder (cast to the engine's dtype, see ``lora_export.py``) that is
+served as a new ``LoRARequest`` from then on; the prefix cache is reset after each swap. Version 0 is
+the model folder's ``adapter/`` when present (served like any later version), else the base LM.
+
+vLLM API relied on, checked against its docs and source (docs.vllm.ai: features/prompt_embeds,
+features/README "Compatibility Matrix", api vllm.config.ModelConfig / LoRAConfig, SamplingParams):
+requires vLLM >= 0.11.0, the first release whose (V1-only) engine takes prompt embeddings (PR 24278);
+its compatibility matrix marks prompt-embeds x LoRA as compatible.
+- ``LLM(model, dtype, seed, enable_lora, max_lora_rank, max_loras, enable_prompt_embeds, logprobs_mode,
+  gpu_memory_utilization, tensor_parallel_size, enforce_eager)``; ``max_lora_rank`` must be one of
+  ``VLLM_LORA_RANKS`` (``MaxLoRARanks`` in vllm/config/lora.py).
+- ``SamplingParams(n, temperature, top_p, max_tokens, logprobs=0, stop_token_ids, detokenize)``:
+  ``logprobs=0`` returns the sampled token's log-prob only; stop tokens stay in ``token_ids``.
+- ``LoRARequest(lora_name, lora_int_id, lora_path)`` (``lora_int_id`` > 0, a new one per adapter),
+  ``LLM.generate(prompts, params, lora_request=...)``, ``LLM.reset_prefix_cache() -> bool``.
+
+Log-probs: ``logprobs_mode="processed_logprobs"`` (added in 0.10.0, temperature included since
+0.10.2): the log-prob of each sampled token under the distribution it was drawn from, after
+temperature and top-p. With ``rollout.top_p = 1`` that is log softmax(logits / temperature), the
+learner's definition (and the HF engine's). With ``top_p < 1`` vLLM renormalises over the nucleus,
+so its values exceed the learner's by -log(nucleus mass) at each position: the learner's importance
+ratio at the first step is then not exactly 1. vLLM's default "raw_logprobs" would ignore the
+temperature instead, off whenever temperature != 1. Greedy samples (evaluation) take temperature 0;
+their log-probs are not learned from.
+
+Not run here (no GPU and no vLLM on the development machines), so unverified: this whole module,
+i.e. importing it; building ``LLM`` with these arguments; the torch encoder/projector/embedding table
+on CUDA next to vLLM's memory share (``rollout.vllm_gpu_memory_utilization`` must leave room for
+them); generating from prompt embeddings with a LoRA adapter; that the returned token ids end with
+EOS and their log-probs match the HF engine's; LoRA swaps and prefix-cache resets. The adapter export
+it relies on (``lora_export.py``) is tested on the CPU against peft (tests/test_lora_export.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import LoraConfig
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from vllm import LLM, SamplingParams
+from vllm.lora.request import LoRARequest
+
+from rlaif_ray.config import Config
+from rlaif_ray.models.policy import (
+    ADAPTER_DIR,
+    PROJECTOR_FILE,
+    Projector,
+    Samples,
+    VideoLMPolicy,
+    build_vision_encoder,
+    read_policy_spec,
+)
+from rlaif_ray.rollout.engine import RolloutEngine
+from rlaif_ray.rollout.lora_export import AdapterVersions, read_peft_adapter
+
+log = logging.getLogger(__name__)
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def check_lora_rank(adapter_rank: int, max_lora_rank: int) -> None:
+    """Raise ValueError unless vLLM accepts ``max_lora_rank`` and it covers the adapter's rank."""
+    if max_lora_rank not in VLLM_LORA_RANKS:
+        raise ValueError(
+            f"rollout.vllm_max_lora_rank = {max_lora_rank}: vLLM accepts one of {VLLM_LORA_RANKS}"
+        )
+    if adapter_rank > max_lora_rank:
+        fitting = min(r for r in VLLM_LORA_RANKS if r >= adapter_rank)
+        raise ValueError(
+            f"the LoRA adapter has rank {adapter_rank} > rollout.vllm_max_lora_rank = {max_lora_rank}; "
+            f"set rollout.vllm_max_lora_rank={fitting}"
+        )
+
+
+def load_input_embeddings(lm_path: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The LM's input embedding table [V, H], read alone from its safetensors checkpoint (one or more shards)."""
+    with torch.device("meta"):  # the module tree only, to learn the table's parameter name
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(lm_path))
+    table = skeleton.get_input_embeddings().weight
+    name = next(n for n, p in skeleton.named_parameters() if p is table)
+    index = Path(lm_path) / "model.safetensors.index.json"
+    weight_map = (
+        json.loads(index.read_text())["weight_map"] if index.is_file() else {name: "model.safetensors"}
+    )
+    if name not in weight_map:
+        raise KeyError(f"{index} maps no {name!r}, the input embedding table of {lm_path}")
+    with safe_open(str(Path(lm_path) / weight_map[name]), framework="pt", device=str(device)) as f:
+        return f.get_tensor(name).to(dtype)
+
+
+class VLLMEngine(RolloutEngine):
+    """The LM with LoRA in vLLM; frozen encoder, projector and text embeddings in torch on the GPU."""
+
+    # The policy's input pipeline, reused rather than copied: these methods read only spec, cfg (the
+    # ModelConfig), tokenizer, video_token_id, vision, image_size, image_mean and image_std, which
+    # this engine holds under the same names.
+    preprocess = VideoLMPolicy.preprocess
+    prompt_ids = VideoLMPolicy.prompt_ids
+    visual_features = VideoLMPolicy.visual_features
+    decode_answer = VideoLMPolicy.decode_answer
+    _vision_width = VideoLMPolicy._vision_width
+
+    def __init__(self, cfg: Config, model_dir: str) -> None:
+        folder = Path(model_dir)
+        self.cfg = cfg.model
+        self.rollout = cfg.rollout
+        self.spec = read_policy_spec(folder)
+        self.dtype = getattr(torch, cfg.model.dtype)
+        self.device = torch.device("cuda")
+        self.version = 0
+
+        adapter_dir = folder / ADAPTER_DIR
+        initial_lora = None
+        if (adapter_dir / "adapter_config.json").is_file():
+            initial_lora, lora_config = read_peft_adapter(adapter_dir)
+        else:  # what VideoLMPolicy builds when the folder holds no adapter
+            lora_config = LoraConfig(
+                r=cfg.model.lora_r,
+                lora_alpha=cfg.model.lora_alpha,
+                lora_dropout=cfg.model.lora_dropout,
+                target_modules=list(cfg.model.lora_target_modules),
+                task_type="CAUSAL_LM",
+            )
+        lora_config.base_model_name_or_path = self.spec["lm"]
+        check_lora_rank(
+            max(lora_config.r, *lora_config.rank_pattern.values()), cfg.rollout.vllm_max_lora_rank
+        )
+        keep = cfg.rl.max_staleness + 1  # a rollout started under an older version finishes under it
+
+        # vLLM first: it sizes its KV cache from the GPU memory share it is given.
+        self.llm = LLM(
+            model=self.spec["lm"],
+            dtype=cfg.model.dtype,
+            seed=cfg.seed,
+            enable_lora=True,
+            max_lora_rank=cfg.rollout.vllm_max_lora_rank,
+            max_loras=keep,
+            enable_prompt_embeds=True,
+            logprobs_mode="processed_logprobs",
+            gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
+            tensor_parallel_size=cfg.rollout.vllm_tensor_parallel_size,
+            enforce_eager=cfg.rollout.vllm_enforce_eager,
+        )
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.spec["lm"])
+        self.video_token_id = self.tokenizer.convert_tokens_to_ids(self.spec["video_token"])
+        if self.video_token_id is None or self.video_token_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"tokenizer of {self.spec['lm']} has no token {self.spec['video_token']!r}")
+        self.image_size = int(self.spec["image_size"])
+        self.image_mean = torch.tensor(self.spec["image_mean"]).view(1, 3, 1, 1)
+        self.image_std = torch.tensor(self.spec["image_std"]).view(1, 3, 1, 1)
+        self.vision = build_vision_encoder(self.spec["vision"])
+        vision_width = self._vision_width()  # runs a dummy frame on the CPU, before the move
+        self.vision.to(self.device)
+        self.embed = load_input_embeddings(self.spec["lm"], self.device, self.dtype)
+        with torch.random.fork_rng():  # the projector VideoLMPolicy starts from, for the same seed
+            torch.manual_seed(cfg.seed)
+            self.projector = Projector(vision_width, self.embed.shape[1])
+        if (folder / PROJECTOR_FILE).is_file():
+            self.projector.load_state_dict(load_file(str(folder / PROJECTOR_FILE)))
+        self.projector.to(self.device).eval()
+
+        self.adapters = AdapterVersions(cfg.rollout.adapter_dir, lora_config, self.dtype, keep=keep)
+        self.lora_request: LoRARequest | None = None
+        if initial_lora is not None:
+            self._serve_lora(0, initial_lora)
+        log.info(
+            "vLLM engine on %s: LoRA r=%d (max %d), version 0 = %s",
+            self.spec["lm"],
+            lora_config.r,
+            cfg.rollout.vllm_max_lora_rank,
+            adapter_dir if initial_lora is not None else "the base LM",
+        )
+
+    def _serve_lora(self, version: int, state: dict[str, torch.Tensor]) -> None:
+        name, int_id, path = self.adapters.add(version, state)
+        self.lora_request = LoRARequest(name, int_id, str(path))
+        if not self.llm.reset_prefix_cache():
+            log.warning("vLLM refused to reset its prefix cache after serving LoRA version %d", version)
+
+    def load_weights(self, version: int, state: dict[str, torch.Tensor]) -> None:
+        """Serve ``version`` (newer than every version served so far: the adapter folders are per version)."""
+        self._serve_lora(version, state)
+        self.projector.load_state_dict(
+            {k[len("projector.") :]: v for k, v in state.items() if k.startswith("projector.")}
+        )
+        self.version = version
+
+    def _prompt_embeds(self, ids: list[int], visual: torch.Tensor) -> torch.Tensor:
+        """Text embeddings of ``ids`` [L] with the visual tokens [N, H] in place of the placeholder."""
+        cut = ids.index(self.video_token_id)
+        ids_t = torch.tensor(ids, device=self.device)
+        return torch.cat([self.embed[ids_t[:cut]], visual, self.embed[ids_t[cut + 1 :]]])
+
+    @torch.no_grad()
+    def sample(
+        self, frames: list[np.ndarray], questions: list[str], group_size: int, greedy: bool = False
+    ) -> Samples:
+        pixels = torch.stack([self.preprocess(f) for f in frames]).to(self.device)
+        visual = self.projector(self.visual_features(pixels)).to(self.dtype)
+        # CPU tensors, as in vLLM's prompt-embeds examples: requests travel to its engine-core process.
+        prompts = [
+            {"prompt_embeds": self._prompt_embeds(self.prompt_ids(q), visual[i]).cpu()}
+            for i, q in enumerate(questions)
+        ]
+        # Greedy answers are all the same: sample one and repeat it.
+        params = SamplingParams(
+            n=1 if greedy else group_size,
+            temperature=0.0 if greedy else self.rollout.temperature,
+            top_p=1.0 if greedy else self.rollout.top_p,
+            max_tokens=self.rollout.max_new_tokens,
+            logprobs=0,
+            stop_token_ids=[self.tokenizer.eos_token_id],
+            detokenize=False,
+        )
+        outputs = self.llm.generate(prompts, params, lora_request=self.lora_request, use_tqdm=False)
+        samples = Samples(token_ids=[], logprobs=[], texts=[])
+        for request in outputs:
+            for completion in sorted(request.outputs, key=lambda c: c.index):
+                ids = list(completion.token_ids)
+                logprobs = [step[t].logprob for step, t in zip(completion.logprobs, ids, strict=True)]
+                for _ in range(group_size if greedy else 1):
+                    samples.token_ids.append(list(ids))
+                    samples.logprobs.append(list(logprobs))
+                    samples.texts.append(self.decode_answer(ids))
+        return samples
