@@ -16,6 +16,7 @@ import argparse
 import copy
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -39,21 +40,16 @@ log = logging.getLogger(__name__)
 
 
 def init_ray(cfg: Config) -> None:
-    """Join the cluster named by RAY_ADDRESS (``ray job submit``), else start a local one."""
-    env = {"TOKENIZERS_PARALLELISM": "false"}
-    if cfg.learner.backend == "gloo":
-        env["DS_ACCELERATOR"] = "cpu"
-    runtime_env = {"env_vars": env}
+    """Join the cluster named by RAY_ADDRESS (``ray job submit`` sets it), else start a local one."""
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=runtime_env)
+        ray.init()
         return
     # Logical CPUs: enough for every actor at once (they take turns on the real cores).
     needed = (cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor
               + cfg.learner.num_actors * cfg.learner.num_cpus_per_actor
               + cfg.ranker.max_actors * cfg.ranker.num_cpus_per_actor + 1)
     resources = {cfg.ranker.resource: float(cfg.ranker.max_actors)} if cfg.ranker.resource else {}
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), resources=resources,
-             runtime_env=runtime_env, include_dashboard=False)
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), resources=resources)
 
 
 def warm_start(cfg: Config, model_dir: Path) -> str:

@@ -87,7 +87,7 @@ def test_bf16_export_writes_bf16_tensors_under_peft_names_and_a_complete_config(
 
 
 def test_read_inverts_peft_save_pretrained(policy: VideoLMPolicy, tmp_path: Path):
-    """An adapter written by peft itself (the model folder's adapter/) reads back in the policy's key format."""
+    """An adapter written by peft itself (a model folder's adapter/) reads back in the policy's key format."""
     policy.save(tmp_path / "checkpoint")
     state, config = read_peft_adapter(tmp_path / "checkpoint" / "adapter")
     expected = {k: v for k, v in policy.trainable_state_dict().items() if k.startswith("lm.")}

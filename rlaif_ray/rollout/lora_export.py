@@ -26,7 +26,7 @@ from rlaif_ray.models.policy import POLICY_ADAPTER
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
-# "lm." + a peft LoRA parameter name, e.g. lm.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight
+# "lm." + a peft LoRA parameter name: lm.base_model.model.model.layers.0.mlp.up_proj.lora_A.default.weight
 _POLICY_KEY = re.compile(
     r"lm\.(?P<module>base_model\.model\..+)\.(?P<ab>lora_[AB])\.(?P<adapter>[^.]+)\.weight"
 )

@@ -87,7 +87,7 @@ def check_lora_rank(adapter_rank: int, max_lora_rank: int) -> None:
 
 
 def load_input_embeddings(lm_path: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The LM's input embedding table [V, H], read alone from its safetensors checkpoint (one or more shards)."""
+    """The LM's input embedding table [V, H], read alone from its safetensors checkpoint (or shards)."""
     with torch.device("meta"):  # the module tree only, to learn the table's parameter name
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(lm_path))
     table = skeleton.get_input_embeddings().weight

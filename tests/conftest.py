@@ -1,0 +1,49 @@
+"""Shared fixtures: a small synthetic data set and the tiny model, built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from rlaif_ray.config import Config, load_config  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """240 synthetic videos (train/val/test JSONL), seed 0."""
+    from rlaif_ray.data.synthetic import generate
+
+    out = tmp_path_factory.mktemp("synthetic")
+    generate(out, 240, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in tiny model folder, built from config."""
+    from rlaif_ray.models.tiny import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("models") / "tiny", seed=0)
+
+
+@pytest.fixture
+def small_config(synthetic_dir: Path, tiny_model_dir: Path, tmp_path: Path) -> Config:
+    """The default config pointed at the session's data and model, with small sizes."""
+    return load_config(
+        str(Path(__file__).resolve().parents[1] / "configs" / "default.yaml"),
+        [
+            f"data.train={synthetic_dir / 'train.jsonl'}",
+            f"data.val={synthetic_dir / 'val.jsonl'}",
+            f"data.test={synthetic_dir / 'test.jsonl'}",
+            "data.synthetic_dir=null",
+            f"model.path={tiny_model_dir}",
+            "model.build_tiny_if_missing=false",
+            f"sft.output_dir={tmp_path / 'sft'}",
+            f"run_dir={tmp_path / 'run'}",
+        ],
+    )
