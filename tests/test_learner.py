@@ -74,6 +74,9 @@ def test_two_learners_take_the_same_step_as_one(small_config: Config) -> None:
     changed = [k for k in w1 if not torch.allclose(w1[k], one["before"][k])]
     assert changed, "the step changed no weight"
     assert any(k.startswith("projector.") for k in changed) and any(".lora_" in k for k in changed)
+    # The global gradient (before clipping) is the same: each rank's share is weighted right.
+    assert one["stats"]["grad_norm"] > 0
+    assert abs(two["stats"]["grad_norm"] - one["stats"]["grad_norm"]) <= 1e-4 * one["stats"]["grad_norm"]
     for key in w1:
         # Adam's first step is lr * g / (|g| + eps): where |g| ~ eps, float-rounding differences
         # between the two reductions move the update by a fraction of lr, so compare against lr.

@@ -168,8 +168,9 @@ class LearnerWorker:
                 self.engine.step()
         self.version += 1
         stats.update(totals)
+        grad_norm = self.engine.get_global_grad_norm()
         stats.update({"skipped_step": 0.0, "learn_s": time.time() - start, "version": float(self.version),
-                      "lr": self.engine.get_lr()[0]})
+                      "lr": self.engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else -1.0})
         return stats
 
     def _micro_step(self, rows: list[TrainRow], real: bool, global_count: int, n_micro: int) -> dict[str, float]:
