@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,17 +20,20 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 
 @pytest.fixture
-def head_node(tmp_path: Path):
+def head_node():
     """A Ray head node with a 'ranker' resource; `ray stop` on exit (token auth stays on)."""
     port, dashboard = free_port(), free_port()
+    # A short temp dir: Ray's unix sockets live there and their paths have a length limit.
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     subprocess.run([RAY, "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}",
                     "--dashboard-host=127.0.0.1", "--num-cpus=4", '--resources={"ranker": 2}',
-                    f"--temp-dir={tmp_path / 'ray'}"], check=True, env=env, capture_output=True, timeout=180)
+                    f"--temp-dir={temp_dir}"], check=True, env=env, capture_output=True, timeout=180)
     try:
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_succeeds(head_node, small_config: Config, tmp_path: Path) -> None:
@@ -46,8 +51,11 @@ def test_ray_job_submit_succeeds(head_node, small_config: Config, tmp_path: Path
          "--", sys.executable, "-m", "rlaif_ray.launch", "--config", "configs/default.yaml", *overrides],
         env=env, capture_output=True, text=True, timeout=900,
     )
-    status = subprocess.run([RAY, "job", "status", f"--address={address}", "rlaif-test"], env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert "SUCCEEDED" in status.stdout, submit.stdout[-3000:] + submit.stderr[-3000:] + status.stdout
+    # The job's status from the Jobs API (in a process whose RAY_AUTH_MODE is set from the start).
+    query = ("from ray.job_submission import JobSubmissionClient as C; "
+             f"print(C({address!r}).get_job_status('rlaif-test').value)")
+    status = subprocess.run([sys.executable, "-c", query], env=env, capture_output=True, text=True, timeout=120)
+    assert status.stdout.strip().splitlines()[-1] == "SUCCEEDED", (
+        submit.stdout[-3000:] + submit.stderr[-3000:] + status.stderr[-2000:])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 2 and 0.0 <= summary["accuracy_after"] <= 1.0
