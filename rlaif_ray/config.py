@@ -69,7 +69,7 @@ class SFTConfig:
     reuse: bool = True
     steps: int = 300
     batch_size: int = 32
-    lr: float = 2e-3
+    lr: float = 5e-4
     weight_decay: float = 0.0
     warmup_steps: int = 20
     grad_clip: float = 1.0
@@ -172,6 +172,8 @@ class RLConfig:
     # How many weight versions a rollout may lag behind the learner.
     max_staleness: int = 1
     checkpoint_every: int = 20
+    # Stop the loop after this many seconds of RL (0: run all ``steps``).
+    time_limit_s: float = 0.0
 
 
 @dataclass
@@ -248,6 +250,7 @@ def validate(cfg: Config) -> Config:
         ("rl.steps", cfg.rl.steps),
         ("rl.eval_examples", cfg.rl.eval_examples),
         ("rl.max_staleness", cfg.rl.max_staleness),
+        ("rl.time_limit_s", cfg.rl.time_limit_s),
     ]
     for key, value in non_negative:
         _check(value >= 0, key, value, "a value >= 0")

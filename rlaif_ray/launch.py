@@ -169,10 +169,14 @@ class Trainer:
         before = self.evaluate()
         print(f"[rl] held-out accuracy before RL: {before['accuracy']:.3f} (n={before['n']})", flush=True)
         evals = [{"step": 0, **before}]
+        rl_start = time.time()
+        steps_done = 0
         with (self.run_dir / "metrics.jsonl").open("w") as metrics:
             for step in range(1, cfg.rl.steps + 1):
                 record = self.step(step)
-                if step % cfg.rl.eval_every == 0 and step != cfg.rl.steps:
+                steps_done = step
+                out_of_time = bool(cfg.rl.time_limit_s) and time.time() - rl_start >= cfg.rl.time_limit_s
+                if step % cfg.rl.eval_every == 0 and step != cfg.rl.steps and not out_of_time:
                     record["eval"] = self.evaluate()
                     evals.append({"step": step, **record["eval"]})
                 if step % cfg.rl.checkpoint_every == 0:
@@ -180,8 +184,12 @@ class Trainer:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 print(progress_line(record, cfg.rl.steps), flush=True)
-        after = self.evaluate() if cfg.rl.steps else before
-        evals.append({"step": cfg.rl.steps, **after})
+                if out_of_time:
+                    print(f"[rl] rl.time_limit_s={cfg.rl.time_limit_s:g} reached after {step} steps", flush=True)
+                    break
+        rl_wall_s = time.time() - rl_start
+        after = self.evaluate() if steps_done else before
+        evals.append({"step": steps_done, **after})
         final = self.save("final")
         summary = {
             "accuracy_before": before["accuracy"],
@@ -189,9 +197,10 @@ class Trainer:
             "per_type_before": before["per_type"],
             "per_type_after": after["per_type"],
             "eval_examples": after["n"],
-            "steps": cfg.rl.steps,
+            "steps": steps_done,
             "weight_version": self.version,
             "wall_s": time.time() - start,
+            "rl_wall_s": rl_wall_s,
             "evals": evals,
             "ranker": self.pool.stats(),
             "rollout": ray.get([a.stats.remote() for a in self.rollouts]),
