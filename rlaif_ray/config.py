@@ -9,6 +9,7 @@ and type against the dataclasses below and validates the values. Any mistake rai
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -347,6 +348,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             except ValueError:
                 pass
         _check(isinstance(value, int | float) and not isinstance(value, bool), key, value, "a number")
+        _check(math.isfinite(value), key, value, "a finite number")
         return float(value)
     if tp is str:
         _check(isinstance(value, str), key, value, "a string")

@@ -28,7 +28,11 @@ DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 NUM_FRAMES = 4
 # The tiny ViT: 64x64 images, 16x16 patches -> 16 patch tokens per frame.
 NUM_PATCHES = 16
-QUESTIONS = ["what colour is the circle ?", "how many shapes are there ?", "which direction do the squares move ?"]
+QUESTIONS = [
+    "what colour is the circle ?",
+    "how many shapes are there ?",
+    "which direction do the squares move ?",
+]
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +78,12 @@ def logprobs(policy: VideoLMPolicy, reference: bool = False) -> torch.Tensor:
     return lp
 
 
-def perturb(policy: VideoLMPolicy, seed: int, scale: float = 0.3) -> None:
-    """Move the policy adapter's LoRA weights (B included, so the adapter matters) and the projector."""
+def perturb(policy: VideoLMPolicy, seed: int, scale: float = 0.05) -> None:
+    """Move the policy adapter's LoRA weights (B included, so the adapter matters) and the projector.
+
+    The scale keeps the weight deltas comparable to the base weights, as after training; much larger
+    adapters blow up activations and with them float32 round-off.
+    """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in policy.lm.named_parameters():
@@ -193,7 +201,7 @@ def test_answer_logprobs_are_padding_invariant(policy: VideoLMPolicy):
         torch.testing.assert_close(lp[i, :n], alone[0, :n], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("temperature", [0.7, 2.5])
 def test_sample_logprobs_equal_answer_logprobs(fresh, temperature: float):
     """What the rollout reports must equal what the learner recomputes for the same ids."""
     pol = fresh()
@@ -266,10 +274,11 @@ def test_reference_before_freeze_is_the_adapter_free_model(fresh):
     base_lp = logprobs(untouched)
     torch.testing.assert_close(logprobs(pol), base_lp, atol=1e-5, rtol=0)
 
+    gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for name, param in pol.lm.named_parameters():
             if "lora_B" in name:
-                param.add_(0.3 * torch.randn(param.shape, generator=torch.Generator().manual_seed(7)))
+                param.add_(0.05 * torch.randn(param.shape, generator=gen))
     policy_lp = logprobs(pol)
     assert (policy_lp - base_lp).abs().max() > 1e-2, "perturbing LoRA B must change the policy"
     torch.testing.assert_close(logprobs(pol, reference=True), base_lp, atol=1e-5, rtol=0)

@@ -203,7 +203,9 @@ class VideoLMPolicy(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / POLICY_FILE).write_text(json.dumps(self.spec, indent=2))
-        self.lm.save_pretrained(str(folder / ADAPTER_DIR), selected_adapters=[POLICY_ADAPTER])
+        # The adapter only, even when lm_head carries LoRA (peft would add the full base layer).
+        self.lm.save_pretrained(str(folder / ADAPTER_DIR), selected_adapters=[POLICY_ADAPTER],
+                                save_embedding_layers=False)
         _flatten_default_adapter_dir(folder / ADAPTER_DIR)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.projector.state_dict().items()},
                   str(folder / PROJECTOR_FILE))
