@@ -338,3 +338,9 @@ def test_judge_backend_runs_end_to_end_and_its_garbage_is_rejected(tmp_path) -> 
     assert group.rank_attempts == 2
     stats = worker.stats()
     assert stats["invalid"] == 2 and stats["fallbacks"] == 1 and stats["errors"] == {"InvalidOrdering": 2}
+
+
+def test_ground_truth_ranks_an_empty_answer_last() -> None:
+    """Concision must not reward saying nothing: an empty answer is below every wrong answer."""
+    ordering = GroundTruthRanker().rank("what colour ?", "red", ["", "blue green yellow", "red", "  "])
+    assert ordering == [2, 1, [0, 3]]

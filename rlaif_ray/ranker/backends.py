@@ -121,9 +121,10 @@ def token_f1(prediction: str, reference: str) -> float:
 class GroundTruthRanker(RankerBackend):
     """Orders answers against the reference: correct first, then closer (token F1), then shorter.
 
-    An answer is correct when its normalised text equals the normalised reference. Answers
-    with equal keys (same correctness, closeness and word count; in particular the same
-    normalised text) tie.
+    An answer is correct when its normalised text equals the normalised reference. An empty
+    answer is the worst of all: were concision to reward it, the policy would learn to say
+    nothing. Answers with equal keys (same correctness, closeness and word count; in particular
+    the same normalised text) tie.
     """
 
     def __init__(self, cfg: RankerConfig | None = None) -> None:
@@ -136,7 +137,7 @@ class GroundTruthRanker(RankerBackend):
         keys = []
         for candidate in candidates:
             norm = normalize_answer(candidate)
-            keys.append((norm != ref, -token_f1(norm, ref), len(norm.split())))
+            keys.append((norm != ref, not norm, -token_f1(norm, ref), len(norm.split())))
         ordering: Ordering = []
         for key in sorted(set(keys)):
             tier = [i for i, k in enumerate(keys) if k == key]
