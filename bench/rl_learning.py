@@ -30,23 +30,47 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/default.yaml")
     parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS)
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     results = {}
     for name in args.methods.split(","):
-        cfg = load_config(args.config, [*args.overrides, f"algo.advantage={METHODS[name]}", "rl.steps=100000",
-                                        f"rl.time_limit_s={args.minutes * 60}", f"run_dir=runs/bench-{name}"])
+        cfg = load_config(
+            args.config,
+            [
+                *args.overrides,
+                f"algo.advantage={METHODS[name]}",
+                "rl.steps=100000",
+                f"rl.time_limit_s={args.minutes * 60}",
+                f"run_dir=runs/bench-{name}",
+            ],
+        )
         summary = run(cfg)
-        results[name] = {key: summary[key] for key in ("accuracy_before", "accuracy_after", "per_type_before",
-                                                      "per_type_after", "steps", "rl_wall_s", "eval_examples",
-                                                      "evals")}
+        results[name] = {
+            key: summary[key]
+            for key in (
+                "accuracy_before",
+                "accuracy_after",
+                "per_type_before",
+                "per_type_after",
+                "steps",
+                "rl_wall_s",
+                "eval_examples",
+                "evals",
+            )
+        }
         results[name]["gain"] = summary["accuracy_after"] - summary["accuracy_before"]
-    rows = [[name, r["accuracy_before"], r["accuracy_after"], r["gain"], r["steps"], round(r["rl_wall_s"])]
-            for name, r in results.items()]
+    rows = [
+        [name, r["accuracy_before"], r["accuracy_after"], r["gain"], r["steps"], round(r["rl_wall_s"])]
+        for name, r in results.items()
+    ]
     print_table(["method", "acc_before", "acc_after", "gain", "steps", "rl_wall_s"], rows)
-    path = write_result("rl_learning", {"config": args.config, "overrides": args.overrides,
-                                        "minutes": args.minutes, "results": results})
+    path = write_result(
+        "rl_learning",
+        {"config": args.config, "overrides": args.overrides, "minutes": args.minutes, "results": results},
+    )
     print(f"wrote {path}")
 
 

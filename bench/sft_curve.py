@@ -37,15 +37,29 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
-        cfg = load_config(args.config, [*args.overrides, f"sft.steps={args.steps}",
-                                        f"sft.eval_every={args.eval_every}", f"sft.output_dir={scratch}"])
+        cfg = load_config(
+            args.config,
+            [
+                *args.overrides,
+                f"sft.steps={args.steps}",
+                f"sft.eval_every={args.eval_every}",
+                f"sft.output_dir={scratch}",
+            ],
+        )
         state = run_sft(cfg)
     rows = [[h["step"], round(h["wall_s"], 1), h["val_accuracy"]] for h in state["history"]]
     print_table(["step", "wall_s", "val_accuracy"], rows)
-    path = write_result("sft_curve", {
-        "config": args.config, "overrides": args.overrides, "batch_size": cfg.sft.batch_size,
-        "lr": cfg.sft.lr, "chance_accuracy": chance_accuracy(), "history": state["history"],
-    })
+    path = write_result(
+        "sft_curve",
+        {
+            "config": args.config,
+            "overrides": args.overrides,
+            "batch_size": cfg.sft.batch_size,
+            "lr": cfg.sft.lr,
+            "chance_accuracy": chance_accuracy(),
+            "history": state["history"],
+        },
+    )
     print(f"chance accuracy {chance_accuracy():.3f}; wrote {path}")
 
 

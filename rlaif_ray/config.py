@@ -151,7 +151,7 @@ class LearnerConfig:
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
     zero_stage: int = 2
-    lr: float = 5e-4
+    lr: float = 1e-4
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch_size: int = 64
@@ -165,7 +165,7 @@ class RLConfig:
     """The GRPO_rank loop."""
 
     steps: int = 60
-    prompts_per_step: int = 16
+    prompts_per_step: int = 64
     group_size: int = 5
     eval_every: int = 20
     # Held-out examples used by each evaluation (0: the whole split).
@@ -259,9 +259,19 @@ def validate(cfg: Config) -> Config:
         _check(value > 0, key, value, "a learning rate > 0")
     for key, value in [("algo.eps_low", cfg.algo.eps_low), ("algo.eps_high", cfg.algo.eps_high)]:
         _check(0 < value, key, value, "a clip range > 0")
-    _check(cfg.algo.eps_low < 1, "algo.eps_low", cfg.algo.eps_low, "a value in (0, 1): the ratio floor is 1 - eps_low")
+    _check(
+        cfg.algo.eps_low < 1,
+        "algo.eps_low",
+        cfg.algo.eps_low,
+        "a value in (0, 1): the ratio floor is 1 - eps_low",
+    )
     _check(cfg.model.lora_dropout < 1, "model.lora_dropout", cfg.model.lora_dropout, "a value in [0, 1)")
-    _check(cfg.rl.group_size >= 2, "rl.group_size", cfg.rl.group_size, "an integer >= 2 (a group needs two answers to rank)")
+    _check(
+        cfg.rl.group_size >= 2,
+        "rl.group_size",
+        cfg.rl.group_size,
+        "an integer >= 2 (a group needs two answers to rank)",
+    )
     _check(cfg.rollout.temperature > 0, "rollout.temperature", cfg.rollout.temperature, "a temperature > 0")
     _check(0 < cfg.rollout.top_p <= 1, "rollout.top_p", cfg.rollout.top_p, "a value in (0, 1]")
     _check(
@@ -270,7 +280,10 @@ def validate(cfg: Config) -> Config:
         cfg.rollout.vllm_gpu_memory_utilization,
         "a fraction in (0, 1]",
     )
-    for key, value in [("sft.zero_stage", cfg.sft.zero_stage), ("learner.zero_stage", cfg.learner.zero_stage)]:
+    for key, value in [
+        ("sft.zero_stage", cfg.sft.zero_stage),
+        ("learner.zero_stage", cfg.learner.zero_stage),
+    ]:
         _check(value in (0, 1, 2, 3), key, value, "a DeepSpeed ZeRO stage: 0, 1, 2 or 3")
     _check(
         cfg.ranker.max_actors >= cfg.ranker.min_actors,
@@ -278,7 +291,9 @@ def validate(cfg: Config) -> Config:
         cfg.ranker.max_actors,
         f"an integer >= ranker.min_actors ({cfg.ranker.min_actors})",
     )
-    _check(cfg.ranker.openai_timeout_s > 0, "ranker.openai_timeout_s", cfg.ranker.openai_timeout_s, "seconds > 0")
+    _check(
+        cfg.ranker.openai_timeout_s > 0, "ranker.openai_timeout_s", cfg.ranker.openai_timeout_s, "seconds > 0"
+    )
     if cfg.ranker.backend == "judge":
         _check(
             bool(cfg.ranker.judge_model_path),
@@ -324,7 +339,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return _coerce(key, value, arg)
             except ConfigError:
                 pass
-        raise ConfigError(f"config key '{key}' = {value!r}: expected {' or '.join(_type_name(a) for a in args)}")
+        raise ConfigError(
+            f"config key '{key}' = {value!r}: expected {' or '.join(_type_name(a) for a in args)}"
+        )
     if origin is Literal:
         _check(value in args, key, value, _type_name(tp))
         return value
@@ -361,7 +378,9 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     for key in values:
         if key not in known:
-            raise ConfigError(f"unknown config key '{prefix}{key}'; known keys here: {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}'; known keys here: {', '.join(sorted(known))}"
+            )
     kwargs = {key: _coerce(prefix + key, value, hints[key]) for key, value in values.items()}
     return cls(**kwargs)
 

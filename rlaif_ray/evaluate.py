@@ -1,6 +1,6 @@
 """Held-out exact-match accuracy: greedy answers judged by the ground-truth oracle's rule.
 
-    python -m rlaif_ray.evaluate --checkpoint DIR --data test.jsonl [--out result.json]
+python -m rlaif_ray.evaluate --checkpoint DIR --data test.jsonl [--out result.json]
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ def greedy_answer_fn(policy: VideoLMPolicy, max_new_tokens: int) -> AnswerFn:
     return answer
 
 
-def evaluate(answer_fn: AnswerFn, examples: list[VideoQAExample], store: FrameStore,
-             batch_size: int = 64) -> dict[str, Any]:
+def evaluate(
+    answer_fn: AnswerFn, examples: list[VideoQAExample], store: FrameStore, batch_size: int = 64
+) -> dict[str, Any]:
     """Answer every example that has a reference; accuracy overall and per question type.
 
     An answer is correct when its normalised text equals the normalised reference (the
@@ -45,7 +46,7 @@ def evaluate(answer_fn: AnswerFn, examples: list[VideoQAExample], store: FrameSt
     scored = [ex for ex in examples if ex.answer is not None]
     for start in range(0, len(scored), batch_size):
         rows, frames = [], []
-        for ex in scored[start:start + batch_size]:
+        for ex in scored[start : start + batch_size]:
             clip = store.try_get(ex.video)
             if clip is None:
                 skipped += 1
@@ -73,7 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="exact-match accuracy of a checkpoint on a JSONL split")
     parser.add_argument("--checkpoint", required=True, help="a model folder (policy.json [+ adapter/])")
     parser.add_argument("--data", required=True, help="JSONL file with answers")
-    parser.add_argument("--config", default=None, help="config whose model section to use (default: built-in)")
+    parser.add_argument(
+        "--config", default=None, help="config whose model section to use (default: built-in)"
+    )
     parser.add_argument("--out", default=None, help="where to write the JSON result")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)

@@ -45,9 +45,12 @@ def init_ray(cfg: Config) -> None:
         ray.init()
         return
     # Logical CPUs: enough for every actor at once (they take turns on the real cores).
-    needed = (cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor
-              + cfg.learner.num_actors * cfg.learner.num_cpus_per_actor
-              + cfg.ranker.max_actors * cfg.ranker.num_cpus_per_actor + 1)
+    needed = (
+        cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor
+        + cfg.learner.num_actors * cfg.learner.num_cpus_per_actor
+        + cfg.ranker.max_actors * cfg.ranker.num_cpus_per_actor
+        + 1
+    )
     resources = {cfg.ranker.resource: float(cfg.ranker.max_actors)} if cfg.ranker.resource else {}
     ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), resources=resources)
 
@@ -61,8 +64,9 @@ def warm_start(cfg: Config, model_dir: Path) -> str:
         return cfg.sft.output_dir
     print(f"[launch] SFT warm start: {cfg.sft.steps} steps -> {cfg.sft.output_dir}", flush=True)
     # In a task of its own (one process group per process; on a GPU cluster, on a GPU node).
-    task = ray.remote(num_cpus=cfg.learner.num_cpus_per_actor, num_gpus=cfg.learner.num_gpus_per_actor,
-                      max_calls=1)(run_sft)
+    task = ray.remote(
+        num_cpus=cfg.learner.num_cpus_per_actor, num_gpus=cfg.learner.num_gpus_per_actor, max_calls=1
+    )(run_sft)
     ray.get(task.remote(cfg))
     return cfg.sft.output_dir
 
@@ -72,8 +76,9 @@ def start_learners(cfg: Config, policy_dir: str) -> list[Any]:
     lc = cfg.learner
     actor_cls = ray.remote(LearnerWorker)
     learners = [
-        actor_cls.options(name=f"learner-{rank}", num_cpus=lc.num_cpus_per_actor, num_gpus=lc.num_gpus_per_actor)
-        .remote(cfg, policy_dir, rank, lc.num_actors)
+        actor_cls.options(
+            name=f"learner-{rank}", num_cpus=lc.num_cpus_per_actor, num_gpus=lc.num_gpus_per_actor
+        ).remote(cfg, policy_dir, rank, lc.num_actors)
         for rank in range(lc.num_actors)
     ]
     master_addr, master_port = ray.get(learners[0].address.remote())
@@ -86,8 +91,9 @@ def start_rollouts(cfg: Config, policy_dir: str) -> list[Any]:
     rc = cfg.rollout
     actor_cls = ray.remote(RolloutWorker)
     return [
-        actor_cls.options(name=f"rollout-{rank}", num_cpus=rc.num_cpus_per_actor, num_gpus=rc.num_gpus_per_actor)
-        .remote(cfg, policy_dir, rank)
+        actor_cls.options(
+            name=f"rollout-{rank}", num_cpus=rc.num_cpus_per_actor, num_gpus=rc.num_gpus_per_actor
+        ).remote(cfg, policy_dir, rank)
         for rank in range(rc.num_actors)
     ]
 
@@ -107,7 +113,7 @@ class Trainer:
         self.train = load_jsonl(cfg.data.train, on_error=cfg.data.on_bad_line)
         self.test = load_jsonl(cfg.data.test, on_error=cfg.data.on_bad_line)
         if cfg.rl.eval_examples:
-            self.test = self.test[:cfg.rl.eval_examples]
+            self.test = self.test[: cfg.rl.eval_examples]
         self.rng = random.Random(cfg.seed)
         self.learners = start_learners(cfg, policy_dir)
         self.rollouts = start_rollouts(cfg, policy_dir)
@@ -120,7 +126,9 @@ class Trainer:
 
     def rollout(self, examples: list[VideoQAExample], step: int) -> list[Group]:
         n = len(self.rollouts)
-        parts = ray.get([actor.rollout.remote(shard(examples, i, n), step) for i, actor in enumerate(self.rollouts)])
+        parts = ray.get(
+            [actor.rollout.remote(shard(examples, i, n), step) for i, actor in enumerate(self.rollouts)]
+        )
         return [g for part in parts for g in part]
 
     def sync_weights(self) -> list[int]:
@@ -158,8 +166,13 @@ class Trainer:
             "sampled_accuracy": sampled_accuracy(ranked),
             "ranker": self.pool.stats(),
             "learner": learner_stats,
-            "time": {"rollout_s": t1 - t0, "rank_s": t2 - t1, "learn_s": t3 - t2, "sync_s": t4 - t3,
-                     "step_s": t4 - t0},
+            "time": {
+                "rollout_s": t1 - t0,
+                "rank_s": t2 - t1,
+                "learn_s": t3 - t2,
+                "sync_s": t4 - t3,
+                "step_s": t4 - t0,
+            },
         }
         return record
 
@@ -185,7 +198,9 @@ class Trainer:
                 metrics.flush()
                 print(progress_line(record, cfg.rl.steps), flush=True)
                 if out_of_time:
-                    print(f"[rl] rl.time_limit_s={cfg.rl.time_limit_s:g} reached after {step} steps", flush=True)
+                    print(
+                        f"[rl] rl.time_limit_s={cfg.rl.time_limit_s:g} reached after {step} steps", flush=True
+                    )
                     break
         rl_wall_s = time.time() - rl_start
         after = self.evaluate() if steps_done else before
@@ -207,31 +222,46 @@ class Trainer:
             "checkpoint": final,
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"[rl] held-out accuracy after RL: {after['accuracy']:.3f} "
-              f"({after['accuracy'] - before['accuracy']:+.3f}); run folder {self.run_dir}", flush=True)
+        print(
+            f"[rl] held-out accuracy after RL: {after['accuracy']:.3f} "
+            f"({after['accuracy'] - before['accuracy']:+.3f}); run folder {self.run_dir}",
+            flush=True,
+        )
         return summary
 
 
 def progress_line(record: dict[str, Any], steps: int) -> str:
     lrn, t = record["learner"], record["time"]
     acc = record["sampled_accuracy"]
-    parts = [f"[rl] step {record['step']}/{steps}", f"v{record['weight_version']}",
-             f"sampled_acc={acc:.3f}" if acc is not None else "sampled_acc=n/a"]
+    parts = [
+        f"[rl] step {record['step']}/{steps}",
+        f"v{record['weight_version']}",
+        f"sampled_acc={acc:.3f}" if acc is not None else "sampled_acc=n/a",
+    ]
     for key in ("loss", "kl", "clip_frac"):
         if key in lrn:
             parts.append(f"{key}={lrn[key]:.4f}")
     if "eval" in record:
         parts.append(f"heldout_acc={record['eval']['accuracy']:.3f}")
-    parts.append(f"(rollout {t['rollout_s']:.1f}s rank {t['rank_s']:.1f}s learn {t['learn_s']:.1f}s "
-                 f"sync {t['sync_s']:.1f}s)")
+    parts.append(
+        f"(rollout {t['rollout_s']:.1f}s rank {t['rank_s']:.1f}s learn {t['learn_s']:.1f}s "
+        f"sync {t['sync_s']:.1f}s)"
+    )
     return " ".join(parts)
 
 
 def with_absolute_paths(cfg: Config) -> Config:
     """Resolve the config's relative paths against the driver's directory (actors run elsewhere)."""
     cfg = copy.deepcopy(cfg)
-    for section, key in [("data", "train"), ("data", "val"), ("data", "test"), ("data", "synthetic_dir"),
-                         ("model", "path"), ("sft", "output_dir"), ("ranker", "judge_model_path")]:
+    for section, key in [
+        ("data", "train"),
+        ("data", "val"),
+        ("data", "test"),
+        ("data", "synthetic_dir"),
+        ("model", "path"),
+        ("sft", "output_dir"),
+        ("ranker", "judge_model_path"),
+    ]:
         value = getattr(getattr(cfg, section), key)
         if value:
             setattr(getattr(cfg, section), key, str(Path(value).absolute()))

@@ -27,7 +27,9 @@ def ensure_data(cfg: Config) -> None:
     generate(cfg.data.synthetic_dir, cfg.data.synthetic_videos, cfg.data.synthetic_seed)
     still_missing = [str(p) for p in paths if not p.is_file()]
     if still_missing:
-        raise FileNotFoundError(f"data files {still_missing} not found after generating into {cfg.data.synthetic_dir}")
+        raise FileNotFoundError(
+            f"data files {still_missing} not found after generating into {cfg.data.synthetic_dir}"
+        )
 
 
 def ensure_model(cfg: Config) -> Path:
@@ -36,7 +38,9 @@ def ensure_model(cfg: Config) -> Path:
     if (path / "policy.json").is_file():
         return path
     if not cfg.model.build_tiny_if_missing:
-        raise FileNotFoundError(f"model.path {str(path)!r} holds no policy.json and model.build_tiny_if_missing is false")
+        raise FileNotFoundError(
+            f"model.path {str(path)!r} holds no policy.json and model.build_tiny_if_missing is false"
+        )
     from rlaif_ray.models.tiny import build_tiny
 
     log.info("building the tiny default model into %s", path)

@@ -46,8 +46,9 @@ def finished_checkpoint(folder: str | Path) -> dict[str, Any] | None:
     return data if data.get("finished") else None
 
 
-def training_batch(policy: VideoLMPolicy, store: FrameStore, examples: list[VideoQAExample]
-                   ) -> tuple[torch.Tensor, list[list[int]], list[list[int]]] | None:
+def training_batch(
+    policy: VideoLMPolicy, store: FrameStore, examples: list[VideoQAExample]
+) -> tuple[torch.Tensor, list[list[int]], list[list[int]]] | None:
     """Pixels, prompt ids and answer ids of the examples whose video decodes (None if none does)."""
     pixels, prompts, answers = [], [], []
     for ex in examples:
@@ -78,9 +79,16 @@ def run_sft(cfg: Config) -> dict[str, Any]:
     policy = VideoLMPolicy.from_folder(model_dir, cfg.model, seed=cfg.seed)
     store = FrameStore(cfg.model.num_frames, policy.image_size)
     init_distributed("gloo" if not torch.cuda.is_available() else "nccl")
-    engine = build_engine(policy, lr=cfg.sft.lr, weight_decay=cfg.sft.weight_decay, zero_stage=cfg.sft.zero_stage,
-                          grad_clip=cfg.sft.grad_clip, micro_batch_size=cfg.sft.batch_size,
-                          warmup_steps=cfg.sft.warmup_steps, dtype=cfg.model.dtype)
+    engine = build_engine(
+        policy,
+        lr=cfg.sft.lr,
+        weight_decay=cfg.sft.weight_decay,
+        zero_stage=cfg.sft.zero_stage,
+        grad_clip=cfg.sft.grad_clip,
+        micro_batch_size=cfg.sft.batch_size,
+        warmup_steps=cfg.sft.warmup_steps,
+        dtype=cfg.model.dtype,
+    )
 
     start = time.time()
     history = []
@@ -99,15 +107,26 @@ def run_sft(cfg: Config) -> dict[str, Any]:
                 policy.eval()
                 record["val"] = evaluate(greedy_answer_fn(policy, cfg.rollout.max_new_tokens), val, store)
                 policy.train()
-                history.append({"step": step, "wall_s": record["wall_s"], "val_accuracy": record["val"]["accuracy"]})
+                history.append(
+                    {"step": step, "wall_s": record["wall_s"], "val_accuracy": record["val"]["accuracy"]}
+                )
             if step % cfg.sft.log_every == 0 or "val" in record:
                 val_text = f" val_acc={record['val']['accuracy']:.3f}" if "val" in record else ""
-                print(f"[sft] step {step}/{cfg.sft.steps} loss={record['loss']:.4f}{val_text} "
-                      f"({record['wall_s']:.0f}s)", flush=True)
+                print(
+                    f"[sft] step {step}/{cfg.sft.steps} loss={record['loss']:.4f}{val_text} "
+                    f"({record['wall_s']:.0f}s)",
+                    flush=True,
+                )
             metrics.write(json.dumps(record) + "\n")
     policy.save(out)
-    state = {"finished": True, "steps": cfg.sft.steps, "wall_s": time.time() - start, "history": history,
-             "skipped_videos": store.skipped_videos, "model": str(model_dir)}
+    state = {
+        "finished": True,
+        "steps": cfg.sft.steps,
+        "wall_s": time.time() - start,
+        "history": history,
+        "skipped_videos": store.skipped_videos,
+        "model": str(model_dir),
+    }
     (out / SFT_STATE).write_text(json.dumps(state, indent=2))
     return state
 

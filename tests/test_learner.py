@@ -22,8 +22,9 @@ def ranked_groups(cfg: Config, n_prompts: int) -> list:
 
 def one_step(cfg: Config, groups: list, world_size: int) -> tuple[dict, dict[str, torch.Tensor]]:
     actor_cls = ray.remote(LearnerWorker)
-    learners = [actor_cls.options(num_cpus=0.5).remote(cfg, cfg.model.path, r, world_size)
-                for r in range(world_size)]
+    learners = [
+        actor_cls.options(num_cpus=0.5).remote(cfg, cfg.model.path, r, world_size) for r in range(world_size)
+    ]
     addr, port = ray.get(learners[0].address.remote())
     ray.get([learner.setup.remote(addr, port) for learner in learners])
     before = ray.get(learners[0].export_weights.remote())
@@ -54,7 +55,7 @@ def test_build_rows_skips_tied_and_unranked_groups(small_config: Config) -> None
     # Advantages are zero-sum within each kept group.
     g = small_config.rl.group_size
     for i in range(0, len(rows), g):
-        assert abs(sum(r.advantage for r in rows[i:i + g])) < 1e-6
+        assert abs(sum(r.advantage for r in rows[i : i + g])) < 1e-6
 
 
 def test_two_learners_take_the_same_step_as_one(small_config: Config) -> None:

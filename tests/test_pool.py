@@ -12,9 +12,17 @@ from rlaif_ray.ranker.pool import RankerPool
 
 def make_group(i: int, reference: str = "red") -> Group:
     completions = ["blue", "red", "red circle", "green"]
-    return Group(group_id=f"g{i}", example_id=f"e{i}", video="unused.mp4", question="what colour ?",
-                 reference=reference, completions=completions, completion_ids=[[1]] * 4,
-                 logprobs=[[-1.0]] * 4, weight_version=0)
+    return Group(
+        group_id=f"g{i}",
+        example_id=f"e{i}",
+        video="unused.mp4",
+        question="what colour ?",
+        reference=reference,
+        completions=completions,
+        completion_ids=[[1]] * 4,
+        logprobs=[[-1.0]] * 4,
+        weight_version=0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +34,16 @@ def local_ray():
 
 @pytest.fixture
 def cfg() -> Config:
-    return load_config(None, ["rl.group_size=4", "ranker.min_actors=1", "ranker.max_actors=3",
-                              "ranker.scale_up_backlog=2", "ranker.num_cpus_per_actor=0.25"])
+    return load_config(
+        None,
+        [
+            "rl.group_size=4",
+            "ranker.min_actors=1",
+            "ranker.max_actors=3",
+            "ranker.scale_up_backlog=2",
+            "ranker.num_cpus_per_actor=0.25",
+        ],
+    )
 
 
 def test_pool_grows_with_backlog_then_shrinks(local_ray, cfg: Config) -> None:

@@ -24,28 +24,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(backend: str, rank: int = 0, world_size: int = 1, master_addr: str = "127.0.0.1",
-                     master_port: int | None = None) -> None:
+def init_distributed(
+    backend: str,
+    rank: int = 0,
+    world_size: int = 1,
+    master_addr: str = "127.0.0.1",
+    master_port: int | None = None,
+) -> None:
     """Join (or create) the torch.distributed group DeepSpeed trains in; a no-op when already joined."""
     import deepspeed
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if backend == "gloo" else "cuda")
-    os.environ.update({
-        "MASTER_ADDR": master_addr,
-        "MASTER_PORT": str(master_port or free_port()),
-        "RANK": str(rank),
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": str(world_size),
-        "LOCAL_WORLD_SIZE": "1",
-    })
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                               rank=rank, world_size=world_size)
+    os.environ.update(
+        {
+            "MASTER_ADDR": master_addr,
+            "MASTER_PORT": str(master_port or free_port()),
+            "RANK": str(rank),
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": "1",
+        }
+    )
+    deepspeed.init_distributed(
+        dist_backend=backend, auto_mpi_discovery=False, verbose=False, rank=rank, world_size=world_size
+    )
 
 
-def deepspeed_config(zero_stage: int, micro_batch_size: int, world_size: int, grad_clip: float,
-                     dtype: str = "float32") -> dict[str, Any]:
+def deepspeed_config(
+    zero_stage: int, micro_batch_size: int, world_size: int, grad_clip: float, dtype: str = "float32"
+) -> dict[str, Any]:
     """The DeepSpeed JSON config (keys as documented by DeepSpeed)."""
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
@@ -63,8 +72,17 @@ def deepspeed_config(zero_stage: int, micro_batch_size: int, world_size: int, gr
     }
 
 
-def build_engine(model: nn.Module, *, lr: float, weight_decay: float, zero_stage: int, grad_clip: float,
-                 micro_batch_size: int, warmup_steps: int = 0, dtype: str = "float32") -> Any:
+def build_engine(
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    zero_stage: int,
+    grad_clip: float,
+    micro_batch_size: int,
+    warmup_steps: int = 0,
+    dtype: str = "float32",
+) -> Any:
     """Wrap ``model`` in a DeepSpeed engine with AdamW over its trainable parameters."""
     import deepspeed
 
@@ -77,10 +95,14 @@ def build_engine(model: nn.Module, *, lr: float, weight_decay: float, zero_stage
         optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
     )
     engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
         config=deepspeed_config(zero_stage, micro_batch_size, world_size, grad_clip, dtype),
     )
-    log.info("DeepSpeed ZeRO-%d engine: %d trainable tensors, world size %d", zero_stage, len(params), world_size)
+    log.info(
+        "DeepSpeed ZeRO-%d engine: %d trainable tensors, world size %d", zero_stage, len(params), world_size
+    )
     return engine
 
 

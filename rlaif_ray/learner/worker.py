@@ -53,12 +53,18 @@ def group_advantages(groups: list[Group], cfg: Config) -> list[list[float]]:
         if cfg.algo.advantage == "score":
             missing = [groups[i].group_id for i in idx if groups[i].scores is None]
             if missing:
-                raise ValueError(f"algo.advantage 'score' needs oracle scores; groups {missing[:3]} have none")
-            adv = advantages_for("score", scores=torch.tensor([groups[i].scores for i in idx], dtype=torch.float64))
+                raise ValueError(
+                    f"algo.advantage 'score' needs oracle scores; groups {missing[:3]} have none"
+                )
+            adv = advantages_for(
+                "score", scores=torch.tensor([groups[i].scores for i in idx], dtype=torch.float64)
+            )
         else:
-            adv = advantages_for(cfg.algo.advantage, ranks=torch.tensor([groups[i].ranks for i in idx],
-                                                                        dtype=torch.float64),
-                                 scale_by_std=cfg.algo.scale_by_std)
+            adv = advantages_for(
+                cfg.algo.advantage,
+                ranks=torch.tensor([groups[i].ranks for i in idx], dtype=torch.float64),
+                scale_by_std=cfg.algo.scale_by_std,
+            )
         for row, i in zip(adv.tolist(), idx, strict=True):
             out[i] = row
     return [row for row in out if row is not None]
@@ -92,13 +98,13 @@ def shard(items: list[Any], rank: int, world_size: int) -> list[Any]:
     """The ``rank``-th of ``world_size`` contiguous, near-equal slices of ``items``."""
     base, extra = divmod(len(items), world_size)
     start = rank * base + min(rank, extra)
-    return items[start:start + base + (1 if rank < extra else 0)]
+    return items[start : start + base + (1 if rank < extra else 0)]
 
 
 def _pad(rows: list[list[float]], width: int) -> torch.Tensor:
     out = torch.zeros(len(rows), width)
     for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.tensor(r)
+        out[i, : len(r)] = torch.tensor(r)
     return out
 
 
@@ -129,9 +135,15 @@ class LearnerWorker:
         if (Path(self.model_dir) / ADAPTER_DIR).is_dir():
             self.policy.freeze_reference()
         self.store = FrameStore(cfg.model.num_frames, self.policy.image_size)
-        self.engine = build_engine(self.policy, lr=lc.lr, weight_decay=lc.weight_decay, zero_stage=lc.zero_stage,
-                                   grad_clip=lc.grad_clip, micro_batch_size=lc.micro_batch_size,
-                                   dtype=cfg.model.dtype)
+        self.engine = build_engine(
+            self.policy,
+            lr=lc.lr,
+            weight_decay=lc.weight_decay,
+            zero_stage=lc.zero_stage,
+            grad_clip=lc.grad_clip,
+            micro_batch_size=lc.micro_batch_size,
+            dtype=cfg.model.dtype,
+        )
         # A fixed number of micro-batches per step (DeepSpeed counts accumulation boundaries
         # cumulatively), sized for a full batch; a smaller batch leaves some micro-batches light.
         full_batch = math.ceil(cfg.rl.prompts_per_step * cfg.rl.group_size / self.world_size)
@@ -149,8 +161,9 @@ class LearnerWorker:
             stats.update({"skipped_step": 1.0, "learn_s": time.time() - start})
             return stats
         algo = self.cfg.algo
-        global_count = (sum(len(r.completion_ids) for r in rows) if algo.aggregation == "token_mean"
-                        else len(rows))
+        global_count = (
+            sum(len(r.completion_ids) for r in rows) if algo.aggregation == "token_mean" else len(rows)
+        )
         mine = shard(rows, self.rank, self.world_size)
         n_micro = self.n_micro
         chunks = [shard(mine, i, n_micro) for i in range(n_micro)]
@@ -169,27 +182,50 @@ class LearnerWorker:
         self.version += 1
         stats.update(totals)
         grad_norm = self.engine.get_global_grad_norm()
-        stats.update({"skipped_step": 0.0, "learn_s": time.time() - start, "version": float(self.version),
-                      "lr": self.engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else -1.0})
+        stats.update(
+            {
+                "skipped_step": 0.0,
+                "learn_s": time.time() - start,
+                "version": float(self.version),
+                "lr": self.engine.get_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else -1.0,
+            }
+        )
         return stats
 
-    def _micro_step(self, rows: list[TrainRow], real: bool, global_count: int, n_micro: int) -> dict[str, float]:
+    def _micro_step(
+        self, rows: list[TrainRow], real: bool, global_count: int, n_micro: int
+    ) -> dict[str, float]:
         pixels = torch.stack([self.policy.preprocess(self.store.get(r.video)) for r in rows])
         prompts = [self.policy.prompt_ids(r.question) for r in rows]
         answers = [r.completion_ids for r in rows]
         algo = self.cfg.algo
         temperature = self.cfg.rollout.temperature
-        logprobs, mask, entropy = self.engine(pixels, prompts, answers, temperature=temperature,
-                                              with_entropy=algo.entropy_coef > 0)
+        logprobs, mask, entropy = self.engine(
+            pixels, prompts, answers, temperature=temperature, with_entropy=algo.entropy_coef > 0
+        )
         ref = None
         if algo.kl_coef > 0:
-            ref, _, _ = self.policy.answer_logprobs(pixels, prompts, answers, temperature=temperature, reference=True)
+            ref, _, _ = self.policy.answer_logprobs(
+                pixels, prompts, answers, temperature=temperature, reference=True
+            )
         width = logprobs.shape[1]
         old = _pad([r.old_logprobs for r in rows], width)
         advantages = torch.tensor([r.advantage for r in rows])
-        loss, stats = grpo_loss(logprobs, old, ref, advantages, mask, eps_low=algo.eps_low, eps_high=algo.eps_high,
-                                kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator, entropy=entropy,
-                                entropy_coef=algo.entropy_coef, aggregation=algo.aggregation)
+        loss, stats = grpo_loss(
+            logprobs,
+            old,
+            ref,
+            advantages,
+            mask,
+            eps_low=algo.eps_low,
+            eps_high=algo.eps_high,
+            kl_coef=algo.kl_coef,
+            kl_estimator=algo.kl_estimator,
+            entropy=entropy,
+            entropy_coef=algo.entropy_coef,
+            aggregation=algo.aggregation,
+        )
         local_count = mask.sum().item() if algo.aggregation == "token_mean" else float(len(rows))
         # grpo_loss averages over this micro-batch; rescale to the global mean. DeepSpeed divides
         # by the micro-batch count and averages over ranks, which the last two factors undo.

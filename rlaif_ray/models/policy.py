@@ -129,8 +129,14 @@ class VideoLMPolicy(nn.Module):
     adapter disabled: there is never a second copy of the language model.
     """
 
-    def __init__(self, spec: dict[str, Any], cfg: ModelConfig, adapter_dir: str | Path | None = None,
-                 projector_path: str | Path | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        cfg: ModelConfig,
+        adapter_dir: str | Path | None = None,
+        projector_path: str | Path | None = None,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         self.spec = spec
         self.cfg = cfg
@@ -143,7 +149,9 @@ class VideoLMPolicy(nn.Module):
             raise ValueError(f"tokenizer of {spec['lm']} has no token {spec['video_token']!r}")
         self.vision = build_vision_encoder(spec["vision"])
         self.image_size = int(spec["image_size"])
-        self.register_buffer("image_mean", torch.tensor(spec["image_mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "image_mean", torch.tensor(spec["image_mean"]).view(1, 3, 1, 1), persistent=False
+        )
         self.register_buffer("image_std", torch.tensor(spec["image_std"]).view(1, 3, 1, 1), persistent=False)
         base = AutoModelForCausalLM.from_pretrained(spec["lm"], dtype=dtype)
         hidden = base.get_input_embeddings().embedding_dim
@@ -153,10 +161,17 @@ class VideoLMPolicy(nn.Module):
         if projector_path is not None:
             self.projector.load_state_dict(load_file(str(projector_path)))
         if adapter_dir is not None:
-            self.lm = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=POLICY_ADAPTER, is_trainable=True)
+            self.lm = PeftModel.from_pretrained(
+                base, str(adapter_dir), adapter_name=POLICY_ADAPTER, is_trainable=True
+            )
         else:
-            lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                              target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM")
+            lora = LoraConfig(
+                r=cfg.lora_r,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=cfg.lora_dropout,
+                target_modules=list(cfg.lora_target_modules),
+                task_type="CAUSAL_LM",
+            )
             with torch.random.fork_rng():
                 torch.manual_seed(seed)
                 self.lm = get_peft_model(base, lora, adapter_name=POLICY_ADAPTER)
@@ -175,9 +190,13 @@ class VideoLMPolicy(nn.Module):
         folder = Path(folder)
         adapter = folder / ADAPTER_DIR
         projector = folder / PROJECTOR_FILE
-        return cls(read_policy_spec(folder), cfg,
-                   adapter_dir=adapter if (adapter / "adapter_config.json").is_file() else None,
-                   projector_path=projector if projector.is_file() else None, seed=seed)
+        return cls(
+            read_policy_spec(folder),
+            cfg,
+            adapter_dir=adapter if (adapter / "adapter_config.json").is_file() else None,
+            projector_path=projector if projector.is_file() else None,
+            seed=seed,
+        )
 
     def freeze_reference(self) -> None:
         """Make the current adapter and projector the frozen reference policy (call after SFT)."""
@@ -186,7 +205,9 @@ class VideoLMPolicy(nn.Module):
                 self.lm.save_pretrained(tmp, selected_adapters=[POLICY_ADAPTER])
                 self.lm.load_adapter(tmp, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
             self.lm.set_adapter(POLICY_ADAPTER)
-            self.reference_projector = Projector(self.projector.net[0].in_features, self.projector.net[2].out_features)
+            self.reference_projector = Projector(
+                self.projector.net[0].in_features, self.projector.net[2].out_features
+            )
             self.reference_projector.load_state_dict(self.projector.state_dict())
             self.reference_projector.requires_grad_(False)
         self.has_reference_adapter = True
@@ -204,11 +225,14 @@ class VideoLMPolicy(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / POLICY_FILE).write_text(json.dumps(self.spec, indent=2))
         # The adapter only, even when lm_head carries LoRA (peft would add the full base layer).
-        self.lm.save_pretrained(str(folder / ADAPTER_DIR), selected_adapters=[POLICY_ADAPTER],
-                                save_embedding_layers=False)
+        self.lm.save_pretrained(
+            str(folder / ADAPTER_DIR), selected_adapters=[POLICY_ADAPTER], save_embedding_layers=False
+        )
         _flatten_default_adapter_dir(folder / ADAPTER_DIR)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.projector.state_dict().items()},
-                  str(folder / PROJECTOR_FILE))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in self.projector.state_dict().items()},
+            str(folder / PROJECTOR_FILE),
+        )
         return folder
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -224,15 +248,17 @@ class VideoLMPolicy(nn.Module):
         expected = set(self.trainable_state_dict())
         missing, unexpected = expected - set(state), set(state) - expected
         if missing or unexpected:
-            raise KeyError(f"weight update does not match the policy: missing {sorted(missing)[:3]}, "
-                           f"unexpected {sorted(unexpected)[:3]}")
+            raise KeyError(
+                f"weight update does not match the policy: missing {sorted(missing)[:3]}, "
+                f"unexpected {sorted(unexpected)[:3]}"
+            )
         params = dict(self.lm.named_parameters())
         with torch.no_grad():
             for key, value in state.items():
                 if key.startswith("projector."):
-                    self.projector.state_dict()[key[len("projector."):]].copy_(value)
+                    self.projector.state_dict()[key[len("projector.") :]].copy_(value)
                 else:
-                    params[key[len("lm."):]].copy_(value)
+                    params[key[len("lm.") :]].copy_(value)
 
     # ----------------------------------------------------------------- inputs
     def _vision_width(self) -> int:
@@ -245,7 +271,9 @@ class VideoLMPolicy(nn.Module):
         """uint8 frames [T, H, W, 3] -> normalised pixels [T, 3, S, S] at the encoder's size."""
         x = torch.as_tensor(frames).permute(0, 3, 1, 2).float().div(255.0)
         if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+            x = F.interpolate(
+                x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+            )
         return (x - self.image_mean) / self.image_std
 
     @torch.no_grad()
@@ -259,7 +287,11 @@ class VideoLMPolicy(nn.Module):
 
     def encode_video(self, pixels: torch.Tensor, reference: bool = False) -> torch.Tensor:
         """pixels [B, T, 3, S, S] -> projected visual embeddings [B, N, H] in the LM's dtype."""
-        projector = self.reference_projector if (reference and self.reference_projector is not None) else self.projector
+        projector = (
+            self.reference_projector
+            if (reference and self.reference_projector is not None)
+            else self.projector
+        )
         feats = self.visual_features(pixels)
         dtype = self.lm.get_input_embeddings().weight.dtype
         return projector(feats.to(projector.net[0].weight.dtype)).to(dtype)
@@ -270,17 +302,23 @@ class VideoLMPolicy(nn.Module):
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if self.tokenizer.bos_token_id is not None:
             ids = [self.tokenizer.bos_token_id, *ids]
-        ids = ids[-self.cfg.max_prompt_tokens:] if len(ids) > self.cfg.max_prompt_tokens else ids
+        ids = ids[-self.cfg.max_prompt_tokens :] if len(ids) > self.cfg.max_prompt_tokens else ids
         if ids.count(self.video_token_id) != 1:
-            raise ValueError(f"prompt for {question!r} must hold exactly one {self.spec['video_token']!r} token")
+            raise ValueError(
+                f"prompt for {question!r} must hold exactly one {self.spec['video_token']!r} token"
+            )
         return ids
 
     def answer_ids(self, answer: str) -> list[int]:
         """Token ids of a target answer, terminated by EOS."""
-        return [*self.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"], self.tokenizer.eos_token_id]
+        return [
+            *self.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"],
+            self.tokenizer.eos_token_id,
+        ]
 
-    def _splice(self, visual: torch.Tensor, prompts: list[list[int]], answers: list[list[int]] | None,
-                pad_left: bool) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    def _splice(
+        self, visual: torch.Tensor, prompts: list[list[int]], answers: list[list[int]] | None, pad_left: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Embed prompt (+ answer) ids with the visual tokens at the placeholder; pad to one length.
 
         Returns inputs_embeds [B, L, H], attention_mask [B, L] and, per row, the index of the first
@@ -291,7 +329,7 @@ class VideoLMPolicy(nn.Module):
         for i, ids in enumerate(prompts):
             cut = ids.index(self.video_token_id)
             pre = embed(torch.tensor(ids[:cut], dtype=torch.long))
-            post = embed(torch.tensor(ids[cut + 1:], dtype=torch.long))
+            post = embed(torch.tensor(ids[cut + 1 :], dtype=torch.long))
             parts = [pre, visual[i], post]
             prompt_lens.append(pre.shape[0] + visual.shape[1] + post.shape[0])
             if answers is not None:
@@ -304,15 +342,21 @@ class VideoLMPolicy(nn.Module):
         for i, row in enumerate(rows):
             n = row.shape[0]
             if pad_left:
-                embeds[i, length - n:], mask[i, length - n:] = row, 1
+                embeds[i, length - n :], mask[i, length - n :] = row, 1
             else:
                 embeds[i, :n], mask[i, :n] = row, 1
         return embeds, mask, prompt_lens
 
     # ----------------------------------------------------------------- scoring and sampling
-    def answer_logprobs(self, pixels: torch.Tensor, prompts: list[list[int]], answers: list[list[int]],
-                        temperature: float = 1.0, reference: bool = False,
-                        with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def answer_logprobs(
+        self,
+        pixels: torch.Tensor,
+        prompts: list[list[int]],
+        answers: list[list[int]],
+        temperature: float = 1.0,
+        reference: bool = False,
+        with_entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Log-probabilities of given answers under softmax(logits / temperature).
 
         Returns (logprobs [B, A], mask [B, A], entropy [B, A] or None), A = longest answer; rows
@@ -320,7 +364,7 @@ class VideoLMPolicy(nn.Module):
         reference policy scores them (no gradient).
         """
         ctx = self.reference_mode() if reference else contextlib.nullcontext()
-        with ctx, (torch.no_grad() if reference else contextlib.nullcontext()):
+        with ctx, torch.no_grad() if reference else contextlib.nullcontext():
             visual = self.encode_video(pixels, reference=reference)
             embeds, mask, prompt_lens = self._splice(visual, prompts, answers, pad_left=False)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -343,11 +387,18 @@ class VideoLMPolicy(nn.Module):
             entropy = -(logp_all.exp() * logp_all).sum(-1) * ans_mask
         return logprobs, ans_mask, entropy
 
-    def forward(self, pixels: torch.Tensor, prompts: list[list[int]], answers: list[list[int]],
-                temperature: float = 1.0, with_entropy: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        pixels: torch.Tensor,
+        prompts: list[list[int]],
+        answers: list[list[int]],
+        temperature: float = 1.0,
+        with_entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The training forward (what a DeepSpeed engine calls): :meth:`answer_logprobs` of the policy."""
-        return self.answer_logprobs(pixels, prompts, answers, temperature=temperature, with_entropy=with_entropy)
+        return self.answer_logprobs(
+            pixels, prompts, answers, temperature=temperature, with_entropy=with_entropy
+        )
 
     @contextlib.contextmanager
     def reference_mode(self) -> Iterator[None]:
@@ -364,20 +415,42 @@ class VideoLMPolicy(nn.Module):
                 yield
 
     @torch.no_grad()
-    def sample(self, pixels: torch.Tensor, prompts: list[list[int]], group_size: int, temperature: float,
-               top_p: float, max_new_tokens: int, greedy: bool = False) -> Samples:
+    def sample(
+        self,
+        pixels: torch.Tensor,
+        prompts: list[list[int]],
+        group_size: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        greedy: bool = False,
+    ) -> Samples:
         """Sample ``group_size`` answers per prompt; log-probs are under softmax(logits / temperature)."""
         visual = self.encode_video(pixels)
         visual = visual.repeat_interleave(group_size, dim=0)
         prompts = [p for p in prompts for _ in range(group_size)]
         embeds, mask, _ = self._splice(visual, prompts, None, pad_left=True)
         eos = self.tokenizer.eos_token_id
-        gen_kwargs: dict[str, Any] = {"do_sample": False} if greedy else {
-            "do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-        out = self.lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
-                               eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id,
-                               output_logits=True, return_dict_in_generate=True, **gen_kwargs)
-        tokens = out.sequences[:, -len(out.logits):] if out.sequences.shape[1] >= len(out.logits) else out.sequences
+        gen_kwargs: dict[str, Any] = (
+            {"do_sample": False}
+            if greedy
+            else {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+        )
+        out = self.lm.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=self.tokenizer.pad_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **gen_kwargs,
+        )
+        tokens = (
+            out.sequences[:, -len(out.logits) :]
+            if out.sequences.shape[1] >= len(out.logits)
+            else out.sequences
+        )
         logits = torch.stack(out.logits, dim=1).float()
         logp = torch.log_softmax(logits / (1.0 if greedy else temperature), dim=-1)
         token_logp = torch.gather(logp, 2, tokens.unsqueeze(-1)).squeeze(-1)
@@ -389,8 +462,16 @@ class VideoLMPolicy(nn.Module):
             texts.append(self.decode_answer(row[:n]))
         return Samples(token_ids=ids_out, logprobs=logp_out, texts=texts)
 
-    def sample_frames(self, frames: list[np.ndarray], questions: list[str], group_size: int, temperature: float,
-                      top_p: float, max_new_tokens: int, greedy: bool = False) -> Samples:
+    def sample_frames(
+        self,
+        frames: list[np.ndarray],
+        questions: list[str],
+        group_size: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        greedy: bool = False,
+    ) -> Samples:
         """:meth:`sample` from decoded uint8 frames and question texts."""
         pixels = torch.stack([self.preprocess(f) for f in frames])
         prompts = [self.prompt_ids(q) for q in questions]

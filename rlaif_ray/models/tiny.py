@@ -36,20 +36,34 @@ def build_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
         vocab.setdefault(token, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", additional_special_tokens=["<video>"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=["<video>"],
+    )
 
 
 def tiny_vision_config(image_size: int = 64) -> dict:
     """An open_clip model config (vision tower of interest; the text tower is a stub)."""
     return {
         "embed_dim": 64,
-        "vision_cfg": {"image_size": image_size, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+        "vision_cfg": {
+            "image_size": image_size,
+            "layers": 2,
+            "width": 64,
+            "head_width": 32,
+            "patch_size": 16,
+        },
         "text_cfg": {"context_length": 8, "vocab_size": 32, "width": 32, "heads": 2, "layers": 1},
     }
 
 
-def build_tiny(out: str | Path, seed: int = 0, image_size: int = 64, hidden: int = 128, layers: int = 4) -> Path:
+def build_tiny(
+    out: str | Path, seed: int = 0, image_size: int = 64, hidden: int = 128, layers: int = 4
+) -> Path:
     """Write the tiny default model folder to ``out`` and return it."""
     out = Path(out)
     (out / "lm").mkdir(parents=True, exist_ok=True)
@@ -59,9 +73,16 @@ def build_tiny(out: str | Path, seed: int = 0, image_size: int = 64, hidden: int
     tokenizer = build_tokenizer(list(VOCABULARY))
     tokenizer.save_pretrained(out / "lm")
     lm_cfg = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     LlamaForCausalLM(lm_cfg).save_pretrained(out / "lm")
@@ -74,8 +95,11 @@ def build_tiny(out: str | Path, seed: int = 0, image_size: int = 64, hidden: int
 
     spec = {
         "lm": "lm",
-        "vision": {"open_clip_model": VISION_NAME, "open_clip_config": f"vision/{VISION_NAME}.json",
-                   "pretrained": "vision/open_clip_model.pt"},
+        "vision": {
+            "open_clip_model": VISION_NAME,
+            "open_clip_config": f"vision/{VISION_NAME}.json",
+            "pretrained": "vision/open_clip_model.pt",
+        },
         "image_size": image_size,
         "image_mean": CLIP_MEAN,
         "image_std": CLIP_STD,

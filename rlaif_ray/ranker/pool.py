@@ -73,8 +73,10 @@ class RankerPool:
         while queue or in_flight:
             backlog = sum(len(r) for r in queue)
             peak_backlog = max(peak_backlog, backlog)
-            if (backlog > self.cfg.ranker.scale_up_backlog * self.size
-                    and self.size < self.cfg.ranker.max_actors):
+            if (
+                backlog > self.cfg.ranker.scale_up_backlog * self.size
+                and self.size < self.cfg.ranker.max_actors
+            ):
                 name = self._add_actor()
                 self.scale_ups += 1
                 log.info("ranker pool: %d groups waiting, added %s (%d actors)", backlog, name, self.size)
@@ -91,7 +93,9 @@ class RankerPool:
                 for i, group in zip(rows, ray.get(done[0]), strict=True):
                     results[i] = group
             except RayActorError as exc:
-                log.warning("ranker actor %s died (%s); replacing it and re-queueing %d groups", name, exc, len(rows))
+                log.warning(
+                    "ranker actor %s died (%s); replacing it and re-queueing %d groups", name, exc, len(rows)
+                )
                 self.actors.pop(name, None)
                 self.restarts += 1
                 self._add_actor()
@@ -114,5 +118,10 @@ class RankerPool:
 
     def stats(self) -> dict[str, Any]:
         """Pool size, scaling events and what happened to the groups ranked so far."""
-        return {"actors": self.size, "scale_ups": self.scale_ups, "scale_downs": self.scale_downs,
-                "restarts": self.restarts, **self.counts}
+        return {
+            "actors": self.size,
+            "scale_ups": self.scale_ups,
+            "scale_downs": self.scale_downs,
+            "restarts": self.restarts,
+            **self.counts,
+        }

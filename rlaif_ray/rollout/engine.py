@@ -24,8 +24,9 @@ class RolloutEngine(abc.ABC):
     image_size: int
 
     @abc.abstractmethod
-    def sample(self, frames: list[np.ndarray], questions: list[str], group_size: int,
-               greedy: bool = False) -> Samples:
+    def sample(
+        self, frames: list[np.ndarray], questions: list[str], group_size: int, greedy: bool = False
+    ) -> Samples:
         """``group_size`` answers for each (frames, question), prompt-major."""
 
     @abc.abstractmethod
@@ -43,11 +44,13 @@ class HFEngine(RolloutEngine):
         self.image_size = self.policy.image_size
         self.version = 0
 
-    def sample(self, frames: list[np.ndarray], questions: list[str], group_size: int,
-               greedy: bool = False) -> Samples:
+    def sample(
+        self, frames: list[np.ndarray], questions: list[str], group_size: int, greedy: bool = False
+    ) -> Samples:
         r = self.cfg.rollout
-        return self.policy.sample_frames(frames, questions, group_size, r.temperature, r.top_p, r.max_new_tokens,
-                                         greedy=greedy)
+        return self.policy.sample_frames(
+            frames, questions, group_size, r.temperature, r.top_p, r.max_new_tokens, greedy=greedy
+        )
 
     def load_weights(self, version: int, state: dict[str, torch.Tensor]) -> None:
         self.policy.load_trainable_state_dict(state)

@@ -44,12 +44,21 @@ class RolloutWorker:
         groups = []
         for i, (ex, _) in enumerate(usable):
             rows = slice(i * g, (i + 1) * g)
-            groups.append(Group(
-                group_id=f"{step}:{ex.id}", example_id=ex.id, video=ex.video, question=ex.question,
-                reference=ex.answer, question_type=ex.type, completions=samples.texts[rows],
-                completion_ids=samples.token_ids[rows], logprobs=samples.logprobs[rows],
-                weight_version=self.engine.version, rollout_s=elapsed / len(usable),
-            ))
+            groups.append(
+                Group(
+                    group_id=f"{step}:{ex.id}",
+                    example_id=ex.id,
+                    video=ex.video,
+                    question=ex.question,
+                    reference=ex.answer,
+                    question_type=ex.type,
+                    completions=samples.texts[rows],
+                    completion_ids=samples.token_ids[rows],
+                    logprobs=samples.logprobs[rows],
+                    weight_version=self.engine.version,
+                    rollout_s=elapsed / len(usable),
+                )
+            )
         self.groups_sampled += len(groups)
         return groups
 
@@ -72,6 +81,8 @@ class RolloutWorker:
         return result
 
     def stats(self) -> dict[str, Any]:
-        return {"groups_sampled": self.groups_sampled, "skipped_videos": self.store.skipped_videos,
-                "version": self.engine.version}
-
+        return {
+            "groups_sampled": self.groups_sampled,
+            "skipped_videos": self.store.skipped_videos,
+            "version": self.engine.version,
+        }
