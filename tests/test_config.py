@@ -239,9 +239,9 @@ def test_judge_backend_needs_a_model_path():
 
 def test_learners_must_divide_the_batch():
     # 16 prompts x 5 answers = 80 rows: 3 learners cannot share them equally, 4 can.
-    msg = _error(["learner.num_actors=3"])
+    msg = _error(["rl.prompts_per_step=16", "learner.num_actors=3"])
     assert "'learner.num_actors'" in msg and "= 3" in msg and "80" in msg
-    assert load_config(DEFAULT, ["learner.num_actors=4"]).learner.num_actors == 4
+    assert load_config(DEFAULT, ["rl.prompts_per_step=16", "learner.num_actors=4"]).learner.num_actors == 4
 
 
 def test_vllm_lora_rank_must_cover_the_adapter():

@@ -202,7 +202,7 @@ class VideoLMPolicy(nn.Module):
         """Make the current adapter and projector the frozen reference policy (call after SFT)."""
         with torch.no_grad():
             with tempfile.TemporaryDirectory() as tmp:
-                self.lm.save_pretrained(tmp, selected_adapters=[POLICY_ADAPTER])
+                self.lm.save_pretrained(tmp, selected_adapters=[POLICY_ADAPTER], save_embedding_layers=False)
                 self.lm.load_adapter(tmp, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
             self.lm.set_adapter(POLICY_ADAPTER)
             self.reference_projector = Projector(
