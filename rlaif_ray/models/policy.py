@@ -121,7 +121,94 @@ def spatio_temporal_pool(tokens: torch.Tensor) -> torch.Tensor:
     return torch.cat([tokens.mean(dim=2), tokens.mean(dim=1)], dim=1)
 
 
-class VideoLMPolicy(nn.Module):
+def build_projector(in_dim: int, out_dim: int, seed: int, path: str | Path | None = None) -> Projector:
+    """The projector: loaded from ``path`` when given, else freshly initialised from ``seed``."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        projector = Projector(in_dim, out_dim)
+    if path is not None:
+        projector.load_state_dict(load_file(str(path)))
+    return projector
+
+
+class VideoInputs(nn.Module):
+    """What turns (frames, question) into language-model inputs, shared by the policy and the
+    vLLM engine: the tokenizer and prompt template, and the frozen open_clip encoder with its
+    preprocessing and spatio-temporal pooling.
+    """
+
+    def __init__(self, spec: dict[str, Any], cfg: ModelConfig) -> None:
+        super().__init__()
+        self.spec = spec
+        self.cfg = cfg
+        self.tokenizer = AutoTokenizer.from_pretrained(spec["lm"])
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.video_token_id = self.tokenizer.convert_tokens_to_ids(spec["video_token"])
+        if self.video_token_id is None or self.video_token_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"tokenizer of {spec['lm']} has no token {spec['video_token']!r}")
+        self.vision = build_vision_encoder(spec["vision"])
+        self.image_size = int(spec["image_size"])
+        self.register_buffer(
+            "image_mean", torch.tensor(spec["image_mean"]).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer("image_std", torch.tensor(spec["image_std"]).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> VideoInputs:
+        super().train(mode)
+        self.vision.eval()  # frozen: never in training mode
+        return self
+
+    def vision_width(self) -> int:
+        """Width of the visual tokens the encoder produces (what the projector takes)."""
+        with torch.no_grad():
+            dummy = torch.zeros(1, 3, self.image_size, self.image_size)
+            pooled, tokens = self.vision(dummy)
+        return tokens.shape[-1] if self.cfg.visual_tokens == "patch" else pooled.shape[-1]
+
+    def preprocess(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 frames [T, H, W, 3] -> normalised pixels [T, 3, S, S] at the encoder's size."""
+        x = torch.as_tensor(frames).permute(0, 3, 1, 2).float().div(255.0)
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(
+                x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+            )
+        return (x - self.image_mean) / self.image_std
+
+    @torch.no_grad()
+    def visual_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Frozen encoder features: pixels [B, T, 3, S, S] -> [B, N, D] visual tokens (before the projector)."""
+        b, t = pixels.shape[:2]
+        pooled, tokens = self.vision(pixels.flatten(0, 1))
+        if self.cfg.visual_tokens == "patch":
+            return spatio_temporal_pool(tokens.view(b, t, *tokens.shape[1:]))
+        return pooled.view(b, t, -1)
+
+    def prompt_ids(self, question: str) -> list[int]:
+        """Token ids of the prompt built from the template; holds exactly one video placeholder."""
+        text = self.spec["prompt_template"].format(question=question)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if self.tokenizer.bos_token_id is not None:
+            ids = [self.tokenizer.bos_token_id, *ids]
+        ids = ids[-self.cfg.max_prompt_tokens :] if len(ids) > self.cfg.max_prompt_tokens else ids
+        if ids.count(self.video_token_id) != 1:
+            raise ValueError(
+                f"prompt for {question!r} must hold exactly one {self.spec['video_token']!r} token"
+            )
+        return ids
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """Token ids of a target answer, terminated by EOS."""
+        return [
+            *self.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"],
+            self.tokenizer.eos_token_id,
+        ]
+
+    def decode_answer(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+class VideoLMPolicy(VideoInputs):
     """Frozen CLIP visual encoder, trainable projector, causal LM trained through LoRA.
 
     The reference policy for the KL penalty is this same network with the policy adapter swapped
@@ -137,29 +224,10 @@ class VideoLMPolicy(nn.Module):
         projector_path: str | Path | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        self.spec = spec
-        self.cfg = cfg
-        dtype = _DTYPES[cfg.dtype]
-        self.tokenizer = AutoTokenizer.from_pretrained(spec["lm"])
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.video_token_id = self.tokenizer.convert_tokens_to_ids(spec["video_token"])
-        if self.video_token_id is None or self.video_token_id == self.tokenizer.unk_token_id:
-            raise ValueError(f"tokenizer of {spec['lm']} has no token {spec['video_token']!r}")
-        self.vision = build_vision_encoder(spec["vision"])
-        self.image_size = int(spec["image_size"])
-        self.register_buffer(
-            "image_mean", torch.tensor(spec["image_mean"]).view(1, 3, 1, 1), persistent=False
-        )
-        self.register_buffer("image_std", torch.tensor(spec["image_std"]).view(1, 3, 1, 1), persistent=False)
-        base = AutoModelForCausalLM.from_pretrained(spec["lm"], dtype=dtype)
+        super().__init__(spec, cfg)
+        base = AutoModelForCausalLM.from_pretrained(spec["lm"], dtype=_DTYPES[cfg.dtype])
         hidden = base.get_input_embeddings().embedding_dim
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            self.projector = Projector(self._vision_width(), hidden)
-        if projector_path is not None:
-            self.projector.load_state_dict(load_file(str(projector_path)))
+        self.projector = build_projector(self.vision_width(), hidden, seed, projector_path)
         if adapter_dir is not None:
             self.lm = PeftModel.from_pretrained(
                 base, str(adapter_dir), adapter_name=POLICY_ADAPTER, is_trainable=True
@@ -177,11 +245,6 @@ class VideoLMPolicy(nn.Module):
                 self.lm = get_peft_model(base, lora, adapter_name=POLICY_ADAPTER)
         self.has_reference_adapter = False
         self.reference_projector: Projector | None = None
-
-    def train(self, mode: bool = True) -> VideoLMPolicy:
-        super().train(mode)
-        self.vision.eval()  # frozen: never in training mode
-        return self
 
     # ----------------------------------------------------------------- loading and saving
     @classmethod
@@ -260,31 +323,6 @@ class VideoLMPolicy(nn.Module):
                 else:
                     params[key[len("lm.") :]].copy_(value)
 
-    # ----------------------------------------------------------------- inputs
-    def _vision_width(self) -> int:
-        with torch.no_grad():
-            dummy = torch.zeros(1, 3, self.image_size, self.image_size)
-            pooled, tokens = self.vision(dummy)
-        return tokens.shape[-1] if self.cfg.visual_tokens == "patch" else pooled.shape[-1]
-
-    def preprocess(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 frames [T, H, W, 3] -> normalised pixels [T, 3, S, S] at the encoder's size."""
-        x = torch.as_tensor(frames).permute(0, 3, 1, 2).float().div(255.0)
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(
-                x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
-            )
-        return (x - self.image_mean) / self.image_std
-
-    @torch.no_grad()
-    def visual_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Frozen encoder features: pixels [B, T, 3, S, S] -> [B, N, D] visual tokens (before the projector)."""
-        b, t = pixels.shape[:2]
-        pooled, tokens = self.vision(pixels.flatten(0, 1))
-        if self.cfg.visual_tokens == "patch":
-            return spatio_temporal_pool(tokens.view(b, t, *tokens.shape[1:]))
-        return pooled.view(b, t, -1)
-
     def encode_video(self, pixels: torch.Tensor, reference: bool = False) -> torch.Tensor:
         """pixels [B, T, 3, S, S] -> projected visual embeddings [B, N, H] in the LM's dtype."""
         projector = (
@@ -295,26 +333,6 @@ class VideoLMPolicy(nn.Module):
         feats = self.visual_features(pixels)
         dtype = self.lm.get_input_embeddings().weight.dtype
         return projector(feats.to(projector.net[0].weight.dtype)).to(dtype)
-
-    def prompt_ids(self, question: str) -> list[int]:
-        """Token ids of the prompt built from the template; holds exactly one video placeholder."""
-        text = self.spec["prompt_template"].format(question=question)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if self.tokenizer.bos_token_id is not None:
-            ids = [self.tokenizer.bos_token_id, *ids]
-        ids = ids[-self.cfg.max_prompt_tokens :] if len(ids) > self.cfg.max_prompt_tokens else ids
-        if ids.count(self.video_token_id) != 1:
-            raise ValueError(
-                f"prompt for {question!r} must hold exactly one {self.spec['video_token']!r} token"
-            )
-        return ids
-
-    def answer_ids(self, answer: str) -> list[int]:
-        """Token ids of a target answer, terminated by EOS."""
-        return [
-            *self.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"],
-            self.tokenizer.eos_token_id,
-        ]
 
     def _splice(
         self, visual: torch.Tensor, prompts: list[list[int]], answers: list[list[int]] | None, pad_left: bool
@@ -477,9 +495,6 @@ class VideoLMPolicy(nn.Module):
         prompts = [self.prompt_ids(q) for q in questions]
         return self.sample(pixels, prompts, group_size, temperature, top_p, max_new_tokens, greedy=greedy)
 
-    def decode_answer(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-
 
 def _flatten_default_adapter_dir(adapter_dir: Path) -> None:
     """peft writes non-default adapter names into subfolders; keep ``adapter/`` loadable directly."""
@@ -488,10 +503,3 @@ def _flatten_default_adapter_dir(adapter_dir: Path) -> None:
         for f in nested.iterdir():
             f.replace(adapter_dir / f.name)
         nested.rmdir()
-
-
-def load_policy(folder: str | Path, cfg: ModelConfig, seed: int = 0) -> VideoLMPolicy:
-    """Load a model folder and log what was loaded."""
-    policy = VideoLMPolicy.from_folder(folder, cfg, seed=seed)
-    log.info("loaded policy from %s (adapter: %s)", folder, (Path(folder) / ADAPTER_DIR).is_dir())
-    return policy

@@ -49,8 +49,7 @@ import numpy as np
 import torch
 from peft import LoraConfig
 from safetensors import safe_open
-from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 from vllm import LLM, SamplingParams
 from vllm.lora.request import LoRARequest
 
@@ -58,10 +57,9 @@ from rlaif_ray.config import Config
 from rlaif_ray.models.policy import (
     ADAPTER_DIR,
     PROJECTOR_FILE,
-    Projector,
     Samples,
-    VideoLMPolicy,
-    build_vision_encoder,
+    VideoInputs,
+    build_projector,
     read_policy_spec,
 )
 from rlaif_ray.rollout.engine import RolloutEngine
@@ -105,18 +103,8 @@ def load_input_embeddings(lm_path: str, device: torch.device, dtype: torch.dtype
 class VLLMEngine(RolloutEngine):
     """The LM with LoRA in vLLM; frozen encoder, projector and text embeddings in torch on the GPU."""
 
-    # The policy's input pipeline, reused rather than copied: these methods read only spec, cfg (the
-    # ModelConfig), tokenizer, video_token_id, vision, image_size, image_mean and image_std, which
-    # this engine holds under the same names.
-    preprocess = VideoLMPolicy.preprocess
-    prompt_ids = VideoLMPolicy.prompt_ids
-    visual_features = VideoLMPolicy.visual_features
-    decode_answer = VideoLMPolicy.decode_answer
-    _vision_width = VideoLMPolicy._vision_width
-
     def __init__(self, cfg: Config, model_dir: str) -> None:
         folder = Path(model_dir)
-        self.cfg = cfg.model
         self.rollout = cfg.rollout
         self.spec = read_policy_spec(folder)
         self.dtype = getattr(torch, cfg.model.dtype)
@@ -156,22 +144,16 @@ class VLLMEngine(RolloutEngine):
             enforce_eager=cfg.rollout.vllm_enforce_eager,
         )
 
-        self.tokenizer = AutoTokenizer.from_pretrained(self.spec["lm"])
-        self.video_token_id = self.tokenizer.convert_tokens_to_ids(self.spec["video_token"])
-        if self.video_token_id is None or self.video_token_id == self.tokenizer.unk_token_id:
-            raise ValueError(f"tokenizer of {self.spec['lm']} has no token {self.spec['video_token']!r}")
-        self.image_size = int(self.spec["image_size"])
-        self.image_mean = torch.tensor(self.spec["image_mean"]).view(1, 3, 1, 1)
-        self.image_std = torch.tensor(self.spec["image_std"]).view(1, 3, 1, 1)
-        self.vision = build_vision_encoder(self.spec["vision"])
-        vision_width = self._vision_width()  # runs a dummy frame on the CPU, before the move
-        self.vision.to(self.device)
+        # The policy's input pipeline (tokenizer, template, frozen encoder, preprocessing).
+        self.inputs = VideoInputs(self.spec, cfg.model)
+        self.image_size = self.inputs.image_size
+        vision_width = self.inputs.vision_width()  # runs a dummy frame on the CPU, before the move
+        self.inputs.to(self.device)
         self.embed = load_input_embeddings(self.spec["lm"], self.device, self.dtype)
-        with torch.random.fork_rng():  # the projector VideoLMPolicy starts from, for the same seed
-            torch.manual_seed(cfg.seed)
-            self.projector = Projector(vision_width, self.embed.shape[1])
-        if (folder / PROJECTOR_FILE).is_file():
-            self.projector.load_state_dict(load_file(str(folder / PROJECTOR_FILE)))
+        projector_path = folder / PROJECTOR_FILE
+        self.projector = build_projector(
+            vision_width, self.embed.shape[1], cfg.seed, projector_path if projector_path.is_file() else None
+        )
         self.projector.to(self.device).eval()
 
         self.adapters = AdapterVersions(cfg.rollout.adapter_dir, lora_config, self.dtype, keep=keep)
@@ -202,7 +184,7 @@ class VLLMEngine(RolloutEngine):
 
     def _prompt_embeds(self, ids: list[int], visual: torch.Tensor) -> torch.Tensor:
         """Text embeddings of ``ids`` [L] with the visual tokens [N, H] in place of the placeholder."""
-        cut = ids.index(self.video_token_id)
+        cut = ids.index(self.inputs.video_token_id)
         ids_t = torch.tensor(ids, device=self.device)
         return torch.cat([self.embed[ids_t[:cut]], visual, self.embed[ids_t[cut + 1 :]]])
 
@@ -210,11 +192,11 @@ class VLLMEngine(RolloutEngine):
     def sample(
         self, frames: list[np.ndarray], questions: list[str], group_size: int, greedy: bool = False
     ) -> Samples:
-        pixels = torch.stack([self.preprocess(f) for f in frames]).to(self.device)
-        visual = self.projector(self.visual_features(pixels)).to(self.dtype)
+        pixels = torch.stack([self.inputs.preprocess(f) for f in frames]).to(self.device)
+        visual = self.projector(self.inputs.visual_features(pixels)).to(self.dtype)
         # CPU tensors, as in vLLM's prompt-embeds examples: requests travel to its engine-core process.
         prompts = [
-            {"prompt_embeds": self._prompt_embeds(self.prompt_ids(q), visual[i]).cpu()}
+            {"prompt_embeds": self._prompt_embeds(self.inputs.prompt_ids(q), visual[i]).cpu()}
             for i, q in enumerate(questions)
         ]
         # Greedy answers are all the same: sample one and repeat it.
@@ -224,7 +206,7 @@ class VLLMEngine(RolloutEngine):
             top_p=1.0 if greedy else self.rollout.top_p,
             max_tokens=self.rollout.max_new_tokens,
             logprobs=0,
-            stop_token_ids=[self.tokenizer.eos_token_id],
+            stop_token_ids=[self.inputs.tokenizer.eos_token_id],
             detokenize=False,
         )
         outputs = self.llm.generate(prompts, params, lora_request=self.lora_request, use_tqdm=False)
@@ -236,5 +218,5 @@ class VLLMEngine(RolloutEngine):
                 for _ in range(group_size if greedy else 1):
                     samples.token_ids.append(list(ids))
                     samples.logprobs.append(list(logprobs))
-                    samples.texts.append(self.decode_answer(ids))
+                    samples.texts.append(self.inputs.decode_answer(ids))
         return samples
