@@ -6,8 +6,7 @@ It holds only plain Python data so that it crosses Ray actors, queues and JSON u
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 
 @dataclass
@@ -34,11 +33,7 @@ class Group:
     rank_status: str = "pending"
     rank_attempts: int = 0
     rank_s: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
         return len(self.completions)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)

@@ -20,7 +20,6 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -274,7 +273,7 @@ def run(cfg: Config) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = run_dir.absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     ensure_data(cfg)
     model_dir = ensure_model(cfg)
     started_ray = not ray.is_initialized()

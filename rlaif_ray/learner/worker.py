@@ -45,7 +45,7 @@ def group_advantages(groups: list[Group], cfg: Config) -> list[list[float]]:
 
     Groups of different sizes are handled one size at a time (the estimators work on [B, G]).
     """
-    out: list[list[float] | None] = [None] * len(groups)
+    out: list[list[float]] = [[] for _ in groups]
     by_size: dict[int, list[int]] = {}
     for i, g in enumerate(groups):
         by_size.setdefault(g.size, []).append(i)
@@ -67,7 +67,7 @@ def group_advantages(groups: list[Group], cfg: Config) -> list[list[float]]:
             )
         for row, i in zip(adv.tolist(), idx, strict=True):
             out[i] = row
-    return [row for row in out if row is not None]
+    return out
 
 
 def build_rows(groups: list[Group], cfg: Config) -> tuple[list[TrainRow], dict[str, float]]:
