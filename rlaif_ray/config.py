@@ -87,6 +87,9 @@ class RolloutConfig:
     num_actors: int = 1
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
+    # torch CPU threads in this process; 0 keeps Ray's default (one per requested CPU). The loop
+    # runs rollout and learning in turn, so on a small machine each may use every core.
+    num_threads: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 6
@@ -150,6 +153,9 @@ class LearnerConfig:
     num_actors: int = 1
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
+    # torch CPU threads in this process (and the SFT task); 0 keeps Ray's default (one per requested CPU). The loop
+    # runs rollout and learning in turn, so on a small machine each may use every core.
+    num_threads: int = 0
     zero_stage: int = 2
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -238,6 +244,7 @@ def validate(cfg: Config) -> Config:
         ("model.lora_dropout", cfg.model.lora_dropout),
         ("rollout.num_cpus_per_actor", cfg.rollout.num_cpus_per_actor),
         ("rollout.num_gpus_per_actor", cfg.rollout.num_gpus_per_actor),
+        ("rollout.num_threads", cfg.rollout.num_threads),
         ("ranker.num_cpus_per_actor", cfg.ranker.num_cpus_per_actor),
         ("ranker.max_retries", cfg.ranker.max_retries),
         ("ranker.openai_backoff_s", cfg.ranker.openai_backoff_s),
@@ -246,6 +253,7 @@ def validate(cfg: Config) -> Config:
         ("algo.entropy_coef", cfg.algo.entropy_coef),
         ("learner.num_cpus_per_actor", cfg.learner.num_cpus_per_actor),
         ("learner.num_gpus_per_actor", cfg.learner.num_gpus_per_actor),
+        ("learner.num_threads", cfg.learner.num_threads),
         ("learner.weight_decay", cfg.learner.weight_decay),
         ("learner.grad_clip", cfg.learner.grad_clip),
         ("rl.steps", cfg.rl.steps),

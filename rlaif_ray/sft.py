@@ -69,6 +69,8 @@ def run_sft(cfg: Config) -> dict[str, Any]:
     model_dir = ensure_model(cfg)
     out = Path(cfg.sft.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.learner.num_threads:  # SFT runs in a task with the learner's resources
+        torch.set_num_threads(cfg.learner.num_threads)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
 

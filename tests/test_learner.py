@@ -63,6 +63,7 @@ def test_two_learners_take_the_same_step_as_one(small_config: Config) -> None:
     cfg.rl.prompts_per_step, cfg.rl.group_size = 6, 4
     cfg.learner.micro_batch_size = 8  # several micro-batches per rank
     cfg.learner.lr = 1e-2  # a visible step
+    cfg.learner.num_threads = 1  # two learner processes share the machine's cores
     groups = ranked_groups(cfg, cfg.rl.prompts_per_step)
     ray.init(num_cpus=4, include_dashboard=False)
     try:

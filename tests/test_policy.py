@@ -201,6 +201,18 @@ def test_answer_logprobs_are_padding_invariant(policy: VideoLMPolicy):
         torch.testing.assert_close(lp[i, :n], alone[0, :n], atol=1e-5, rtol=0)
 
 
+def test_answer_logprobs_from_features_equal_from_pixels(policy: VideoLMPolicy):
+    """The learner encodes each video once and passes the features: same log-probs, same gradient path."""
+    pixels, prompts, answers = batch(policy)
+    with torch.no_grad():
+        from_pixels, _, _ = policy.answer_logprobs(pixels, prompts, answers)
+        features = policy.visual_features(pixels)
+        from_features, _, _ = policy.answer_logprobs(None, prompts, answers, features=features)
+        shuffled, _, _ = policy.answer_logprobs(None, prompts, answers, features=features.flip(0))
+    torch.testing.assert_close(from_features, from_pixels, atol=1e-6, rtol=0)
+    assert not torch.allclose(shuffled, from_pixels, atol=1e-4)  # the features do matter
+
+
 @pytest.mark.parametrize("temperature", [0.7, 2.5])
 def test_sample_logprobs_equal_answer_logprobs(fresh, temperature: float):
     """What the rollout reports must equal what the learner recomputes for the same ids."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import ray
 import torch
 
 from rlaif_ray.config import Config
@@ -43,3 +44,14 @@ def test_update_weights_changes_what_is_served(small_config: Config) -> None:
     assert after["version"] == 3 and before["version"] == 0
     served = worker.engine.policy.trainable_state_dict()
     assert all(torch.equal(served[k], state[k]) for k in state)
+
+
+def test_num_threads_overrides_rays_one_thread_per_cpu(small_config: Config) -> None:
+    """Ray pins an actor's torch to one thread per requested CPU; ``rollout.num_threads`` lifts it."""
+    small_config.rollout.num_threads = 2
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        actor = ray.remote(RolloutWorker).options(num_cpus=1).remote(small_config, small_config.model.path)
+        assert ray.get(actor.stats.remote())["torch_threads"] == 2
+    finally:
+        ray.shutdown()

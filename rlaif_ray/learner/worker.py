@@ -128,6 +128,8 @@ class LearnerWorker:
     def setup(self, master_addr: str = "127.0.0.1", master_port: int | None = None) -> int:
         """Join the process group, load the policy and build the DeepSpeed engine (all ranks at once)."""
         cfg, lc = self.cfg, self.cfg.learner
+        if lc.num_threads:
+            torch.set_num_threads(lc.num_threads)
         torch.manual_seed(cfg.seed)
         init_distributed(lc.backend, self.rank, self.world_size, master_addr, master_port)
         self.policy = VideoLMPolicy.from_folder(self.model_dir, cfg.model, seed=cfg.seed)
@@ -196,18 +198,23 @@ class LearnerWorker:
     def _micro_step(
         self, rows: list[TrainRow], real: bool, global_count: int, n_micro: int
     ) -> dict[str, float]:
-        pixels = torch.stack([self.policy.preprocess(self.store.get(r.video)) for r in rows])
+        features = self._visual_features([r.video for r in rows])
         prompts = [self.policy.prompt_ids(r.question) for r in rows]
         answers = [r.completion_ids for r in rows]
         algo = self.cfg.algo
         temperature = self.cfg.rollout.temperature
         logprobs, mask, entropy = self.engine(
-            pixels, prompts, answers, temperature=temperature, with_entropy=algo.entropy_coef > 0
+            None,
+            prompts,
+            answers,
+            temperature=temperature,
+            with_entropy=algo.entropy_coef > 0,
+            features=features,
         )
         ref = None
         if algo.kl_coef > 0:
             ref, _, _ = self.policy.answer_logprobs(
-                pixels, prompts, answers, temperature=temperature, reference=True
+                None, prompts, answers, temperature=temperature, reference=True, features=features
             )
         width = logprobs.shape[1]
         old = _pad([r.old_logprobs for r in rows], width)
@@ -232,6 +239,17 @@ class LearnerWorker:
         scale = (local_count / global_count) * n_micro * self.world_size if real else 0.0
         self.engine.backward(loss * scale)
         return stats
+
+    def _visual_features(self, videos: list[str]) -> torch.Tensor:
+        """Frozen encoder features of each row's video, encoding every distinct video once.
+
+        The G answers of a group share one video, and the reference pass reuses these features.
+        """
+        distinct = list(dict.fromkeys(videos))
+        pixels = torch.stack([self.policy.preprocess(self.store.get(v)) for v in distinct])
+        features = self.policy.visual_features(pixels)
+        where = {v: i for i, v in enumerate(distinct)}
+        return features[torch.tensor([where[v] for v in videos])]
 
     def export_weights(self) -> dict[str, torch.Tensor]:
         """The trainable tensors (LoRA + projector), gathered whole even under ZeRO-3."""

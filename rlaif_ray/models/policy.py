@@ -323,14 +323,17 @@ class VideoLMPolicy(VideoInputs):
                 else:
                     params[key[len("lm.") :]].copy_(value)
 
-    def encode_video(self, pixels: torch.Tensor, reference: bool = False) -> torch.Tensor:
-        """pixels [B, T, 3, S, S] -> projected visual embeddings [B, N, H] in the LM's dtype."""
+    def encode_video(
+        self, pixels: torch.Tensor | None, reference: bool = False, features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """pixels [B, T, 3, S, S] (or their ``features`` [B, N, D] from :meth:`visual_features`)
+        -> projected visual embeddings [B, N, H] in the LM's dtype."""
         projector = (
             self.reference_projector
             if (reference and self.reference_projector is not None)
             else self.projector
         )
-        feats = self.visual_features(pixels)
+        feats = self.visual_features(pixels) if features is None else features
         dtype = self.lm.get_input_embeddings().weight.dtype
         return projector(feats.to(projector.net[0].weight.dtype)).to(dtype)
 
@@ -368,22 +371,24 @@ class VideoLMPolicy(VideoInputs):
     # ----------------------------------------------------------------- scoring and sampling
     def answer_logprobs(
         self,
-        pixels: torch.Tensor,
+        pixels: torch.Tensor | None,
         prompts: list[list[int]],
         answers: list[list[int]],
         temperature: float = 1.0,
         reference: bool = False,
         with_entropy: bool = False,
+        features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Log-probabilities of given answers under softmax(logits / temperature).
 
         Returns (logprobs [B, A], mask [B, A], entropy [B, A] or None), A = longest answer; rows
         are right-padded and ``mask`` marks real answer tokens. With ``reference=True`` the
-        reference policy scores them (no gradient).
+        reference policy scores them (no gradient). ``features`` (the frozen encoder's output,
+        :meth:`visual_features`) replace ``pixels`` when a caller encodes each video only once.
         """
         ctx = self.reference_mode() if reference else contextlib.nullcontext()
         with ctx, torch.no_grad() if reference else contextlib.nullcontext():
-            visual = self.encode_video(pixels, reference=reference)
+            visual = self.encode_video(pixels, reference=reference, features=features)
             embeds, mask, prompt_lens = self._splice(visual, prompts, answers, pad_left=False)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
@@ -407,15 +412,16 @@ class VideoLMPolicy(VideoInputs):
 
     def forward(
         self,
-        pixels: torch.Tensor,
+        pixels: torch.Tensor | None,
         prompts: list[list[int]],
         answers: list[list[int]],
         temperature: float = 1.0,
         with_entropy: bool = False,
+        features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The training forward (what a DeepSpeed engine calls): :meth:`answer_logprobs` of the policy."""
         return self.answer_logprobs(
-            pixels, prompts, answers, temperature=temperature, with_entropy=with_entropy
+            pixels, prompts, answers, temperature=temperature, with_entropy=with_entropy, features=features
         )
 
     @contextlib.contextmanager

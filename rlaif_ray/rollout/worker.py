@@ -26,6 +26,8 @@ class RolloutWorker:
     def __init__(self, cfg: Config, model_dir: str, rank: int = 0) -> None:
         self.cfg = cfg
         self.rank = rank
+        if cfg.rollout.num_threads:
+            torch.set_num_threads(cfg.rollout.num_threads)
         torch.manual_seed(cfg.seed * 1000 + rank)
         self.engine = make_engine(cfg, model_dir)
         self.store = FrameStore(cfg.model.num_frames, self.engine.image_size)
@@ -83,6 +85,7 @@ class RolloutWorker:
     def stats(self) -> dict[str, Any]:
         return {
             "groups_sampled": self.groups_sampled,
+            "torch_threads": torch.get_num_threads(),
             "skipped_videos": self.store.skipped_videos,
             "version": self.engine.version,
         }
