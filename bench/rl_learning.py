@@ -1,12 +1,12 @@
 """Does RL from rankings learn? GRPO_rank vs plain GRPO on the default task, same budget and seeds.
 
-    python bench/rl_learning.py [--minutes 10] [key=value ...]
+    python bench/rl_learning.py [--minutes 10] [--methods grpo_rank] [--name NAME] [key=value ...]
 
 Both runs start from the same SFT checkpoint (trained first if missing), run the whole Ray
 pipeline for ``--minutes`` of RL, and are evaluated on the held-out test split before and after.
 ``grpo_rank`` uses DCG rank advantages from the ground-truth oracle's orderings; ``grpo`` uses
 plain GRPO advantages on the same oracle's binary correctness. Prints a table and writes
-``bench/results/rl_learning.json``.
+``bench/results/rl_learning.json`` (``--name`` for other variants, e.g. another learning rate).
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ def main() -> None:
     parser.add_argument(
         "--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS)
     )
+    parser.add_argument(
+        "--name", default="rl_learning", help="result file bench/results/<name>.json (keep the default's)"
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     results = {}
@@ -44,7 +47,7 @@ def main() -> None:
                 f"algo.advantage={METHODS[name]}",
                 "rl.steps=100000",
                 f"rl.time_limit_s={args.minutes * 60}",
-                f"run_dir=runs/bench-{name}",
+                f"run_dir=runs/{args.name}-{name}",
             ],
         )
         summary = run(cfg)
@@ -68,7 +71,7 @@ def main() -> None:
     ]
     print_table(["method", "acc_before", "acc_after", "gain", "steps", "rl_wall_s"], rows)
     path = write_result(
-        "rl_learning",
+        args.name,
         {"config": args.config, "overrides": args.overrides, "minutes": args.minutes, "results": results},
     )
     print(f"wrote {path}")
