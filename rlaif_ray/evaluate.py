@@ -17,7 +17,7 @@ import numpy as np
 from rlaif_ray.config import load_config
 from rlaif_ray.data.dataset import VideoQAExample, load_jsonl
 from rlaif_ray.data.frames import FrameStore
-from rlaif_ray.models.policy import VideoLMPolicy
+from rlaif_ray.models.policy import VideoLMPolicy, read_policy_spec
 from rlaif_ray.ranker.backends import normalize_answer
 
 AnswerFn = Callable[[list[np.ndarray], list[str]], list[str]]
@@ -75,12 +75,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", required=True, help="a model folder (policy.json [+ adapter/])")
     parser.add_argument("--data", required=True, help="JSONL file with answers")
     parser.add_argument(
-        "--config", default=None, help="config whose model section to use (default: built-in)"
+        "--config",
+        default=None,
+        help="config whose model section to use (default: built-in, with the checkpoint's trained_with)",
     )
     parser.add_argument("--out", default=None, help="where to write the JSON result")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
+    if args.config is None:  # the checkpoint's own input settings
+        for key, value in read_policy_spec(args.checkpoint).get("trained_with", {}).items():
+            setattr(cfg.model, key, value)
     policy = VideoLMPolicy.from_folder(args.checkpoint, cfg.model)
     policy.eval()
     store = FrameStore(cfg.model.num_frames, policy.image_size)

@@ -14,6 +14,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from rlaif_ray.config import ModelConfig, load_config
+from rlaif_ray.evaluate import main as evaluate_main
 from rlaif_ray.models.policy import (
     ADAPTER_DIR,
     POLICY_ADAPTER,
@@ -404,6 +405,23 @@ def test_saved_adapter_loads_in_peft(fresh, tmp_path: Path):
         got = loaded(input_ids=ids).logits
     assert (expected - base_logits).abs().max() > 1e-2
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_checkpoint_keeps_its_input_settings(
+    fresh, model_cfg: ModelConfig, tmp_path: Path, synthetic_dir: Path
+):
+    folder = fresh(num_frames=4).save(tmp_path / "ckpt")
+    spec = json.loads((folder / POLICY_FILE).read_text())
+    assert spec["trained_with"] == {"num_frames": 4, "visual_tokens": model_cfg.visual_tokens}
+    assert model_cfg.num_frames != 4
+    with pytest.raises(ValueError, match="trained with model.num_frames=4"):
+        VideoLMPolicy.from_folder(folder, model_cfg)
+    # Without --config the evaluation CLI takes the checkpoint's own settings.
+    out = tmp_path / "eval.json"
+    evaluate_main(
+        ["--checkpoint", str(folder), "--data", str(synthetic_dir / "test.jsonl"), "--out", str(out)]
+    )
+    assert json.loads(out.read_text())["n"] > 0
 
 
 def test_trainable_state_dict_moves_weights_into_another_policy(fresh):

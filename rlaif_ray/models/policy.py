@@ -12,7 +12,10 @@ checkpoints) holds ``policy.json``::
      "prompt_template": "USER: <video>\\n{question} ASSISTANT:"}
 
 Relative paths are relative to the folder. A trained checkpoint is the same folder shape plus
-``adapter/`` (peft ``save_pretrained``) and ``projector.safetensors``.
+``adapter/`` (peft ``save_pretrained``) and ``projector.safetensors``, and its ``policy.json``
+records the input settings it was trained with (``"trained_with": {"num_frames": 8,
+"visual_tokens": "patch"}``): loading it with other settings is an error, since the projector and
+adapter learned that exact visual input.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from rlaif_ray.config import ModelConfig
 log = logging.getLogger(__name__)
 
 POLICY_FILE = "policy.json"
+# Model settings that shape the visual input; a checkpoint only makes sense with the ones it was trained with.
+TRAINED_WITH_KEYS = ("num_frames", "visual_tokens")
 ADAPTER_DIR = "adapter"
 PROJECTOR_FILE = "projector.safetensors"
 POLICY_ADAPTER = "default"
@@ -139,6 +144,12 @@ class VideoInputs(nn.Module):
 
     def __init__(self, spec: dict[str, Any], cfg: ModelConfig) -> None:
         super().__init__()
+        for key, value in spec.get("trained_with", {}).items():
+            if getattr(cfg, key) != value:
+                raise ValueError(
+                    f"the checkpoint was trained with model.{key}={value}, but the config has "
+                    f"model.{key}={getattr(cfg, key)}: pass model.{key}={value}"
+                )
         self.spec = spec
         self.cfg = cfg
         self.tokenizer = AutoTokenizer.from_pretrained(spec["lm"])
@@ -286,7 +297,8 @@ class VideoLMPolicy(VideoInputs):
         """Write ``policy.json`` (absolute base paths), ``adapter/`` and ``projector.safetensors``."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / POLICY_FILE).write_text(json.dumps(self.spec, indent=2))
+        spec = {**self.spec, "trained_with": {key: getattr(self.cfg, key) for key in TRAINED_WITH_KEYS}}
+        (folder / POLICY_FILE).write_text(json.dumps(spec, indent=2))
         # The adapter only, even when lm_head carries LoRA (peft would add the full base layer).
         self.lm.save_pretrained(
             str(folder / ADAPTER_DIR), selected_adapters=[POLICY_ADAPTER], save_embedding_layers=False
