@@ -153,8 +153,8 @@ class LearnerConfig:
     num_actors: int = 1
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
-    # torch CPU threads in this process (and the SFT task); 0 keeps Ray's default (one per requested CPU). The loop
-    # runs rollout and learning in turn, so on a small machine each may use every core.
+    # torch CPU threads in this process and in the SFT task; 0 keeps Ray's default (one per
+    # requested CPU). The loop runs rollout and learning in turn: each may use every core.
     num_threads: int = 0
     zero_stage: int = 2
     lr: float = 1e-4

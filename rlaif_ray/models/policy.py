@@ -148,7 +148,7 @@ class VideoInputs(nn.Module):
             if getattr(cfg, key) != value:
                 raise ValueError(
                     f"the checkpoint was trained with model.{key}={value}, but the config has "
-                    f"model.{key}={getattr(cfg, key)}: pass model.{key}={value}"
+                    f"model.{key}={getattr(cfg, key)}: pass model.{key}={value}, or train a new checkpoint"
                 )
         self.spec = spec
         self.cfg = cfg
