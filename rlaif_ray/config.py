@@ -127,6 +127,10 @@ class RankerConfig:
     openai_timeout_s: float = 30.0
     openai_max_concurrency: int = 4
     openai_backoff_s: float = 0.5
+    # Back-off retries of one request on transport errors, timeouts, 408/429/5xx. They sit inside
+    # each of the 1 + max_retries attempts at a valid ordering: at most
+    # (1 + max_retries) * (1 + openai_max_retries) requests per group.
+    openai_max_retries: int = 2
     openai_temperature: float = 0.0
 
 
@@ -248,6 +252,7 @@ def validate(cfg: Config) -> Config:
         ("ranker.num_cpus_per_actor", cfg.ranker.num_cpus_per_actor),
         ("ranker.max_retries", cfg.ranker.max_retries),
         ("ranker.openai_backoff_s", cfg.ranker.openai_backoff_s),
+        ("ranker.openai_max_retries", cfg.ranker.openai_max_retries),
         ("ranker.openai_temperature", cfg.ranker.openai_temperature),
         ("algo.kl_coef", cfg.algo.kl_coef),
         ("algo.entropy_coef", cfg.algo.entropy_coef),

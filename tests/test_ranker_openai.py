@@ -196,7 +196,8 @@ def test_garbage_answers_fall_back_to_tie(server: FakeJudgeServer) -> None:
 @pytest.mark.parametrize("status", [500, 429])
 def test_transient_errors_are_retried_with_backoff(server: FakeJudgeServer, status: int) -> None:
     server.fail_first, server.fail_status = 2, status
-    worker = RankerWorker(openai_cfg(server, max_retries=2, openai_backoff_s=0.05), group_size=4)
+    cfg = openai_cfg(server, max_retries=0, openai_max_retries=2, openai_backoff_s=0.05)
+    worker = RankerWorker(cfg, group_size=4)
     start = time.perf_counter()
     group = worker.rank_group(make_group(ANSWERS))
     assert time.perf_counter() - start >= 0.05 + 0.1  # back-off 0.05 s, then 0.1 s
@@ -209,16 +210,17 @@ def test_transient_errors_are_retried_with_backoff(server: FakeJudgeServer, stat
 
 def test_persistent_server_errors_are_counted_and_fall_back(server: FakeJudgeServer) -> None:
     server.fail_first = 100
-    worker = RankerWorker(openai_cfg(server, max_retries=1), group_size=4)
+    worker = RankerWorker(openai_cfg(server, max_retries=1, openai_max_retries=2), group_size=4)
     group = worker.rank_group(make_group(ANSWERS))
     assert group.rank_status == "fallback_tie" and group.rank_attempts == 2
-    assert server.calls == 4  # 2 worker attempts x (1 call + 1 back-off retry)
+    assert server.calls == 6  # 2 worker attempts x (1 call + 2 back-off retries): the documented bound
+    assert worker.backend.transport_retries == 4
     assert worker.stats()["errors"] == {"InternalServerError": 2}
 
 
 def test_client_errors_are_not_retried_by_backoff(server: FakeJudgeServer) -> None:
     server.fail_first, server.fail_status = 100, 400
-    worker = RankerWorker(openai_cfg(server, max_retries=1), group_size=4)
+    worker = RankerWorker(openai_cfg(server, max_retries=1, openai_max_retries=2), group_size=4)
     assert worker.rank_group(make_group(ANSWERS)).rank_status == "fallback_tie"
     assert server.calls == 2  # one call per worker attempt
     assert worker.backend.transport_retries == 0
@@ -227,7 +229,7 @@ def test_client_errors_are_not_retried_by_backoff(server: FakeJudgeServer) -> No
 
 def test_timeout_is_a_counted_failure(server: FakeJudgeServer) -> None:
     server.delay_s = 0.5
-    cfg = openai_cfg(server, openai_timeout_s=0.1, max_retries=1, fallback="drop")
+    cfg = openai_cfg(server, openai_timeout_s=0.1, max_retries=1, openai_max_retries=1, fallback="drop")
     worker = RankerWorker(cfg, group_size=4)
     group = worker.rank_group(make_group(ANSWERS))
     assert group.rank_status == "dropped" and group.ranks is None

@@ -215,15 +215,16 @@ class OpenAIRanker(RankerBackend):
 
     The API key comes from the environment variable ``cfg.openai_api_key_env`` ("EMPTY" when unset,
     for local servers). Transient failures are retried here with exponential back-off
-    (``cfg.openai_backoff_s * 2**k``, at most ``cfg.max_retries`` times; the client's own retries are
-    off). At most ``cfg.openai_max_concurrency`` requests are in flight per backend, and
-    :meth:`rank_many` overlaps that many groups.
+    (``cfg.openai_backoff_s * 2**k``, at most ``cfg.openai_max_retries`` times; the client's own
+    retries are off). An answer that is no valid ordering is the worker's to retry
+    (``cfg.max_retries``). At most ``cfg.openai_max_concurrency`` requests are in flight per
+    backend, and :meth:`rank_many` overlaps that many groups.
     """
 
     def __init__(self, cfg: RankerConfig) -> None:
         self.model = cfg.openai_model
         self.temperature = cfg.openai_temperature
-        self.max_retries = cfg.max_retries
+        self.max_retries = cfg.openai_max_retries
         self.backoff_s = cfg.openai_backoff_s
         self.max_concurrency = cfg.openai_max_concurrency
         self.client = openai.OpenAI(
