@@ -281,20 +281,15 @@ def test_missing_file(tmp_path: Path):
     assert str(path) in str(info.value) and "does not exist" in str(info.value)
 
 
-def test_invalid_yaml_file(tmp_path: Path):
-    path = tmp_path / "broken.yaml"
-    path.write_text("rl: [steps: 1\n")
+@pytest.mark.parametrize(
+    ("text", "message"), [("rl: [steps: 1\n", "not valid YAML"), ("- 1\n- 2\n", "mapping")]
+)
+def test_bad_yaml_file(tmp_path: Path, text: str, message: str):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    assert str(path) in str(info.value) and "not valid YAML" in str(info.value)
-
-
-def test_yaml_file_that_is_not_a_mapping(tmp_path: Path):
-    path = tmp_path / "list.yaml"
-    path.write_text("- 1\n- 2\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert str(path) in str(info.value) and "mapping" in str(info.value)
+    assert str(path) in str(info.value) and message in str(info.value)
 
 
 def test_empty_yaml_file_gives_defaults(tmp_path: Path):
