@@ -143,6 +143,7 @@ class AlgoConfig:
     eps_low: float = 0.2
     eps_high: float = 0.2
     kl_coef: float = 0.02
+    # k3 regularises; k1 as a loss term has zero expected gradient on on-policy samples (see kl_k1).
     kl_estimator: Literal["k1", "k3"] = "k3"
     entropy_coef: float = 0.0
     aggregation: Literal["token_mean", "seq_mean_token_mean"] = "token_mean"

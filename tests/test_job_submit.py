@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,8 @@ def head_node():
     port, dashboard = free_port(), free_port()
     # A short temp dir: Ray's unix sockets live there and their paths have a length limit.
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    # A token of the test's own: a fresh machine has no ~/.ray/auth_token yet.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     subprocess.run(
         [
             RAY,

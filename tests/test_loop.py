@@ -10,16 +10,37 @@ from safetensors.torch import load_file
 
 from rlaif_ray.config import Config
 from rlaif_ray.launch import run
+from rlaif_ray.sft import run_sft
 
 
-def test_loop_runs_end_to_end(small_config: Config) -> None:
+def easy_task(train: str, out: Path, answer: str = "red") -> str:
+    """The colour questions of ``train`` with one answer for all: learnable in a few RL steps."""
+    rows = [json.loads(line) for line in Path(train).read_text().splitlines()]
+    folder = str(Path(train).parent)
+    easy = [
+        {**row, "answer": answer, "video": str(Path(folder, row["video"]))}
+        for row in rows
+        if row.get("type") == "colour"
+    ]
+    out.write_text("".join(json.dumps(row) + "\n" for row in easy))
+    return str(out)
+
+
+def test_loop_runs_end_to_end(small_config: Config, tmp_path: Path) -> None:
     cfg = small_config
-    cfg.sft.steps, cfg.sft.eval_every, cfg.sft.batch_size = 10, 10, 8
-    cfg.rl.steps, cfg.rl.prompts_per_step, cfg.rl.group_size = 3, 4, 4
+    # A short SFT on the real task teaches the answer words (each colour now and then) ...
+    # (colour questions get a colour, "red" about one time in six).
+    cfg.sft.steps, cfg.sft.eval_every, cfg.sft.batch_size = 100, 100, 16
+    cfg.sft.lr, cfg.sft.warmup_steps = 2e-3, 0
+    run_sft(cfg)
+    # ... and RL starts from that checkpoint on a task that rewards one colour everywhere.
+    cfg.model.path, cfg.sft.enabled = cfg.sft.output_dir, False
+    cfg.data.train = easy_task(cfg.data.train, tmp_path / "easy_train.jsonl")
+    cfg.rl.steps, cfg.rl.prompts_per_step, cfg.rl.group_size = 5, 8, 4
     cfg.rl.eval_every, cfg.rl.checkpoint_every, cfg.rl.eval_examples = 2, 2, 16
     cfg.rollout.num_actors = 2
     cfg.ranker.min_actors, cfg.ranker.max_actors, cfg.ranker.scale_up_backlog = 1, 2, 1
-    cfg.learner.lr = 1e-2
+    cfg.learner.lr = 5e-3
 
     summary = run(cfg)
 
@@ -27,19 +48,21 @@ def test_loop_runs_end_to_end(small_config: Config) -> None:
     for name in ("config.yaml", "metrics.jsonl", "summary.json"):
         assert (run_dir / name).is_file(), name
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
     # Groups reached the rankers and the learner; versions advance by one per step.
-    assert [r["weight_version"] for r in records] == [1, 2, 3]
-    assert all(r["groups"] == 4 and r["samples"] == 16 for r in records)
-    assert all(r["learner"]["rows"] > 0 or r["learner"]["groups_skipped_tied"] == 4 for r in records)
+    assert [r["weight_version"] for r in records] == [1, 2, 3, 4, 5]
+    assert all(r["groups"] == 8 and r["samples"] == 32 for r in records)
+    assert all(r["learner"]["rows"] > 0 for r in records)
     # Each step samples with the version published after the previous step.
-    assert [r["rollout_versions"] for r in records] == [[0], [1], [2]]
-    assert summary["ranker"]["groups"] == 12 and summary["ranker"]["actors"] >= 1
+    assert [r["rollout_versions"] for r in records] == [[0], [1], [2], [3], [4]]
+    # It learns: the answer rewarded on every question is sampled more and more often.
+    sampled = [r["sampled_accuracy"] for r in records]
+    assert sum(sampled[-2:]) / 2 >= sampled[0] + 0.25, sampled
+    assert summary["ranker"]["groups"] == 40 and summary["ranker"]["actors"] >= 1
     assert summary["ranker"]["scale_ups"] >= 1  # backlog 4 > 1 per actor: the pool grew
-    assert [s["version"] for s in summary["rollout"]] == [3, 3]  # every rollout actor serves the newest
-    for key in ("accuracy_before", "accuracy_after"):
-        assert 0.0 <= summary[key] <= 1.0
-    assert summary["steps"] == 3 and summary["wall_s"] > 0
+    assert [s["version"] for s in summary["rollout"]] == [5, 5]  # every rollout actor serves the newest
+    assert [e["step"] for e in summary["evals"]] == [0, 2, 4, 5]
+    assert summary["steps"] == 5 and summary["wall_s"] > 0
     assert "eval" in records[1] and "checkpoint" in records[1]
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk["accuracy_after"] == summary["accuracy_after"]

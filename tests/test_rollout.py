@@ -34,14 +34,27 @@ def test_update_weights_changes_what_is_served(small_config: Config) -> None:
     cfg = small_config
     worker = RolloutWorker(cfg, cfg.model.path)
     examples = load_jsonl(cfg.data.test)[:8]
-    before = worker.evaluate(examples)
+    frames = [worker.store.get(ex.video) for ex in examples]
+    questions = [ex.question for ex in examples]
+
+    def greedy(w: RolloutWorker) -> list[list[int]]:
+        return w.engine.sample(frames, questions, 1, greedy=True).token_ids
+
+    before = greedy(worker)
     state = worker.engine.policy.trainable_state_dict()
     # A large LoRA B makes the adapter dominate the output layer.
-    state = {k: (torch.randn_like(v) * 5 if "lm_head.lora_B" in k else v) for k, v in state.items()}
+    gen = torch.Generator().manual_seed(0)
+    state = {
+        k: (torch.randn(v.shape, generator=gen) * 5 if "lm_head.lora_B" in k else v) for k, v in state.items()
+    }
     assert worker.update_weights(3, state) == 3
-    assert worker.version() == 3
-    after = worker.evaluate(examples)
-    assert after["version"] == 3 and before["version"] == 0
+    assert worker.version() == 3 and worker.evaluate(examples)["version"] == 3
+    after = greedy(worker)
+    assert after != before, "the answers did not change with the weights"
+    # What is served is the new weights: a fresh worker given the same tensors answers the same.
+    fresh = RolloutWorker(cfg, cfg.model.path)
+    fresh.update_weights(3, state)
+    assert greedy(fresh) == after
     served = worker.engine.policy.trainable_state_dict()
     assert all(torch.equal(served[k], state[k]) for k in state)
 

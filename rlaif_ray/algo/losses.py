@@ -76,7 +76,14 @@ def register_aggregation(name: str) -> Callable[[AggFn], AggFn]:
 
 @register_kl("k1")
 def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """k1 = ``log pi - log pi_ref``: unbiased for KL(pi || pi_ref) under samples of pi, can be negative."""
+    """k1 = ``log pi - log pi_ref``: unbiased for KL(pi || pi_ref) under samples of pi, can be negative.
+
+    As a *loss term* k1 does not regularise: on samples drawn from pi its expected gradient is
+    ``E_pi[grad log pi] = 0``, so in expectation it pulls nothing towards pi_ref (only its noise
+    reaches the weights). It is useful as a value to report, or as a penalty folded into the
+    reward (the PPO-RLHF recipe); as the loss's ``kl_estimator`` use ``k3``, whose gradient is
+    that of KL(pi || pi_ref).
+    """
     return logprobs - ref_logprobs
 
 
