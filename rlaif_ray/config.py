@@ -91,13 +91,18 @@ class RolloutConfig:
     # runs rollout and learning in turn, so on a small machine each may use every core.
     num_threads: int = 0
     temperature: float = 1.0
+    # Must stay 1.0 for training rollouts: vLLM renormalises log-probs over the nucleus, the
+    # learner does not, so top_p < 1 would start every importance ratio below 1 (rejected).
     top_p: float = 1.0
     max_new_tokens: int = 6
-    # vLLM only (GPU): see rlaif_ray/rollout/vllm_engine.py.
+    # vLLM only: see rlaif_ray/rollout/vllm_engine.py. The GPU build takes a share of the GPU's
+    # memory; the CPU build a KV cache of this many GiB (VLLM_CPU_KVCACHE_SPACE).
     vllm_gpu_memory_utilization: float = 0.85
+    vllm_cpu_kvcache_gib: int = 1
     vllm_max_lora_rank: int = 64
     vllm_tensor_parallel_size: int = 1
     vllm_enforce_eager: bool = False
+    # Node-local folder where each weight version is written as a peft adapter for vLLM.
     adapter_dir: str = "/tmp/rlaif_ray_adapters"
 
 
@@ -132,6 +137,9 @@ class RankerConfig:
     # (1 + max_retries) * (1 + openai_max_retries) requests per group.
     openai_max_retries: int = 2
     openai_temperature: float = 0.0
+    # Ask the server for structured output (vLLM's ``structured_outputs``): the judge can only
+    # answer a valid ordering line, so even a small judge never answers out of format.
+    openai_structured_output: bool = False
 
 
 @dataclass
@@ -169,6 +177,9 @@ class LearnerConfig:
     # Optimisation passes over each batch (1: strictly on-policy, ratio == 1 at the first step).
     epochs_per_batch: int = 1
     backend: Literal["gloo", "nccl"] = "gloo"
+    # ZeRO-3 keeps parameters smaller than this whole on every rank (DeepSpeed's
+    # stage3_param_persistence_threshold); 0 partitions every parameter.
+    zero3_persistence_threshold: int = 100_000
 
 
 @dataclass
@@ -227,6 +238,7 @@ def validate(cfg: Config) -> Config:
         ("rollout.max_new_tokens", cfg.rollout.max_new_tokens),
         ("rollout.vllm_max_lora_rank", cfg.rollout.vllm_max_lora_rank),
         ("rollout.vllm_tensor_parallel_size", cfg.rollout.vllm_tensor_parallel_size),
+        ("rollout.vllm_cpu_kvcache_gib", cfg.rollout.vllm_cpu_kvcache_gib),
         ("ranker.min_actors", cfg.ranker.min_actors),
         ("ranker.max_actors", cfg.ranker.max_actors),
         ("ranker.scale_up_backlog", cfg.ranker.scale_up_backlog),
@@ -260,6 +272,7 @@ def validate(cfg: Config) -> Config:
         ("learner.num_cpus_per_actor", cfg.learner.num_cpus_per_actor),
         ("learner.num_gpus_per_actor", cfg.learner.num_gpus_per_actor),
         ("learner.num_threads", cfg.learner.num_threads),
+        ("learner.zero3_persistence_threshold", cfg.learner.zero3_persistence_threshold),
         ("learner.weight_decay", cfg.learner.weight_decay),
         ("learner.grad_clip", cfg.learner.grad_clip),
         ("rl.steps", cfg.rl.steps),
@@ -287,7 +300,13 @@ def validate(cfg: Config) -> Config:
         "an integer >= 2 (a group needs two answers to rank)",
     )
     _check(cfg.rollout.temperature > 0, "rollout.temperature", cfg.rollout.temperature, "a temperature > 0")
-    _check(0 < cfg.rollout.top_p <= 1, "rollout.top_p", cfg.rollout.top_p, "a value in (0, 1]")
+    _check(
+        cfg.rollout.top_p == 1.0,
+        "rollout.top_p",
+        cfg.rollout.top_p,
+        "1.0: training groups are sampled from the full distribution, whose log-probs the learner "
+        "recomputes (vLLM would renormalise over the nucleus and every importance ratio would start below 1)",
+    )
     _check(
         0 < cfg.rollout.vllm_gpu_memory_utilization <= 1,
         "rollout.vllm_gpu_memory_utilization",

@@ -63,7 +63,7 @@ def test_paper_yaml_loads_with_its_gpu_settings():
     assert cfg.model.build_tiny_if_missing is False
     assert cfg.data.synthetic_dir is None
     assert cfg.rollout.engine == "vllm"
-    assert cfg.rollout.top_p == pytest.approx(0.9)
+    assert cfg.rollout.top_p == 1.0
     assert cfg.rollout.vllm_max_lora_rank >= cfg.model.lora_r
     assert cfg.ranker.backend == "openai"
     assert cfg.learner.backend == "nccl" and cfg.learner.zero_stage == 3
@@ -196,8 +196,9 @@ def test_wrong_type_names_key_value_and_expectation(override: str, key: str, val
         ("sft.lr=0", "sft.lr", "0", "> 0"),
         ("algo.eps_low=1.5", "algo.eps_low", "1.5", "(0, 1)"),
         ("algo.eps_high=0", "algo.eps_high", "0", "> 0"),
-        ("rollout.top_p=0", "rollout.top_p", "0", "(0, 1]"),
-        ("rollout.top_p=1.5", "rollout.top_p", "1.5", "(0, 1]"),
+        ("rollout.top_p=0.9", "rollout.top_p", "0.9", "nucleus"),
+        ("rollout.top_p=1.5", "rollout.top_p", "1.5", "1.0"),
+        ("learner.zero3_persistence_threshold=-1", "learner.zero3_persistence_threshold", "-1", ">= 0"),
         ("rollout.temperature=0", "rollout.temperature", "0", "> 0"),
         ("ranker.max_actors=0", "ranker.max_actors", "0", ">= 1"),
         ("sft.zero_stage=5", "sft.zero_stage", "5", "ZeRO stage"),
