@@ -267,15 +267,20 @@ def with_absolute_paths(cfg: Config) -> Config:
     return cfg
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    """The whole pipeline on ``cfg``; returns the summary written to ``summary.json``."""
+def prepare_run(cfg: Config) -> tuple[Config, Path, Path]:
+    """Absolute paths, the run folder with its ``config.yaml``, the data and the model folder."""
     cfg = with_absolute_paths(cfg)
     run_dir = Path(cfg.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = run_dir.absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     ensure_data(cfg)
-    model_dir = ensure_model(cfg)
+    return cfg, run_dir, ensure_model(cfg)
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """The whole pipeline on ``cfg``; returns the summary written to ``summary.json``."""
+    cfg, run_dir, model_dir = prepare_run(cfg)
     started_ray = not ray.is_initialized()
     if started_ray:
         init_ray(cfg)

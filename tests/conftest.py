@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -47,3 +48,40 @@ def small_config(synthetic_dir: Path, tiny_model_dir: Path, tmp_path: Path) -> C
             f"run_dir={tmp_path / 'run'}",
         ],
     )
+
+
+@pytest.fixture(scope="session")
+def colour_checkpoint(
+    synthetic_dir: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """An SFT checkpoint (adapter + projector) whose greedy answers depend on the video.
+
+    Trained on the colour questions only, until it names several colours (about 15 s): answers
+    that differ between videos and from blank frames make engine comparisons meaningful.
+    """
+    from rlaif_ray.sft import run_sft
+
+    rows = [json.loads(line) for line in (synthetic_dir / "train.jsonl").read_text().splitlines()]
+    colour = [{**row, "video": str(synthetic_dir / row["video"])} for row in rows if row["type"] == "colour"]
+    out = tmp_path_factory.mktemp("colour_sft")
+    train = out / "colour_train.jsonl"
+    train.write_text("".join(json.dumps(row) + "\n" for row in colour))
+    cfg = load_config(
+        str(Path(__file__).resolve().parents[1] / "configs" / "default.yaml"),
+        [
+            f"data.train={train}",
+            f"data.val={synthetic_dir / 'val.jsonl'}",
+            f"data.test={synthetic_dir / 'test.jsonl'}",
+            "data.synthetic_dir=null",
+            f"model.path={tiny_model_dir}",
+            "model.build_tiny_if_missing=false",
+            f"sft.output_dir={out / 'checkpoint'}",
+            "sft.steps=120",
+            "sft.eval_every=120",
+            "sft.batch_size=16",
+            "sft.lr=1e-3",
+            "sft.warmup_steps=0",
+        ],
+    )
+    run_sft(cfg)
+    return out / "checkpoint"

@@ -21,6 +21,7 @@ from rlaif_ray.algo.advantages import ranks_from_orderings
 from rlaif_ray.config import RankerConfig
 from rlaif_ray.groups import Group
 from rlaif_ray.ranker import GroundTruthRanker, OpenAIRanker, RankerWorker, format_ordering, make_backend
+from rlaif_ray.ranker.prompting import ordering_lines, ordering_regex
 
 KEY_ENV = "RLAIF_RAY_TEST_JUDGE_KEY"
 _CANDIDATE_LINE = re.compile(r"^\[(\d+)\] (.*)$", re.MULTILINE)
@@ -173,7 +174,17 @@ def test_ranks_a_group_through_http(server: FakeJudgeServer, monkeypatch: pytest
     prompt = body["messages"][-1]["content"]
     assert "What shape is moving?" in prompt and "Reference answer: red circle" in prompt
     assert all(f"[{i}] {answer}" in prompt for i, answer in enumerate(ANSWERS))
+    assert "structured_outputs" not in body  # off by default
     assert worker.stats()["errors"] == {}
+
+
+def test_structured_output_request_field(server: FakeJudgeServer) -> None:
+    backend = make_backend(openai_cfg(server, openai_structured_output=True))
+    assert backend.rank("q", "red circle", ANSWERS) == [[1, 3], 2, 0]
+    assert server.bodies[0]["structured_outputs"] == {"choice": list(ordering_lines(4))}
+    seven = ["red circle", "blue", "red", "green", "red circle", "blue square", "up"]
+    assert backend.rank("q", "red circle", seven) == [[0, 4], 2, [1, 3, 6], 5]
+    assert server.bodies[1]["structured_outputs"] == {"regex": ordering_regex(7)}
 
 
 def test_missing_key_env_sends_dummy_key(server: FakeJudgeServer, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -28,7 +28,12 @@ import openai
 import torch
 
 from rlaif_ray.config import RankerConfig
-from rlaif_ray.ranker.prompting import Ordering, build_ranking_prompt, parse_ordering
+from rlaif_ray.ranker.prompting import (
+    Ordering,
+    build_ranking_prompt,
+    parse_ordering,
+    structured_output_constraint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +224,10 @@ class OpenAIRanker(RankerBackend):
     retries are off). An answer that is no valid ordering is the worker's to retry
     (``cfg.max_retries``). At most ``cfg.openai_max_concurrency`` requests are in flight per
     backend, and :meth:`rank_many` overlaps that many groups.
+
+    With ``cfg.openai_structured_output`` each request carries vLLM's ``structured_outputs`` field
+    (:func:`rlaif_ray.ranker.prompting.structured_output_constraint`), so the server can only
+    decode an ordering line of the group's size (servers other than vLLM may reject the field).
     """
 
     def __init__(self, cfg: RankerConfig) -> None:
@@ -227,6 +236,7 @@ class OpenAIRanker(RankerBackend):
         self.max_retries = cfg.openai_max_retries
         self.backoff_s = cfg.openai_backoff_s
         self.max_concurrency = cfg.openai_max_concurrency
+        self.structured_output = cfg.openai_structured_output
         self.client = openai.OpenAI(
             api_key=os.environ.get(cfg.openai_api_key_env) or "EMPTY",
             base_url=cfg.openai_base_url,
@@ -237,8 +247,12 @@ class OpenAIRanker(RankerBackend):
         self._lock = threading.Lock()
         self.transport_retries = 0
 
-    def complete(self, prompt: str) -> str:
-        """The assistant's reply to ``prompt``, retrying transient failures with back-off."""
+    def complete(self, prompt: str, structured_outputs: dict | None = None) -> str:
+        """The assistant's reply to ``prompt``, retrying transient failures with back-off.
+
+        ``structured_outputs``, when given, is sent as the request's ``structured_outputs`` field.
+        """
+        extra_body = {"structured_outputs": structured_outputs} if structured_outputs is not None else None
         attempt = 0
         while True:
             try:
@@ -247,6 +261,7 @@ class OpenAIRanker(RankerBackend):
                         model=self.model,
                         messages=[{"role": "user", "content": prompt}],
                         temperature=self.temperature,
+                        extra_body=extra_body,
                     )
                 return response.choices[0].message.content or ""
             except openai.APIError as exc:
@@ -260,7 +275,8 @@ class OpenAIRanker(RankerBackend):
                 attempt += 1
 
     def rank(self, question: str, reference: str | None, candidates: list[str]) -> Ordering:
-        answer = self.complete(build_ranking_prompt(question, reference, candidates))
+        constraint = structured_output_constraint(len(candidates)) if self.structured_output else None
+        answer = self.complete(build_ranking_prompt(question, reference, candidates), constraint)
         return parse_ordering(answer, len(candidates))
 
     def rank_many(self, requests: list[RankRequest]) -> list[Ordering | Exception]:

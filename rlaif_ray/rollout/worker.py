@@ -72,6 +72,11 @@ class RolloutWorker:
     def version(self) -> int:
         return self.engine.version
 
+    def greedy_answers(self, examples: list[VideoQAExample]) -> list[list[int]]:
+        """Token ids of the served version's greedy answer to each example (its video must decode)."""
+        frames = [self.store.get(ex.video) for ex in examples]
+        return self.engine.sample(frames, [ex.question for ex in examples], 1, greedy=True).token_ids
+
     def evaluate(self, examples: list[VideoQAExample]) -> dict[str, Any]:
         """Greedy exact-match accuracy of the served version on ``examples``."""
 
