@@ -178,7 +178,7 @@ class LearnerConfig:
     epochs_per_batch: int = 1
     backend: Literal["gloo", "nccl"] = "gloo"
     # ZeRO-3 keeps parameters smaller than this whole on every rank (DeepSpeed's
-    # stage3_param_persistence_threshold); 0 partitions every parameter.
+    # stage3_param_persistence_threshold, for SFT too); 0 partitions every parameter.
     zero3_persistence_threshold: int = 100_000
 
 

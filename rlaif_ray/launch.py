@@ -131,9 +131,14 @@ class Trainer:
         return [g for part in parts for g in part]
 
     def sync_weights(self) -> list[int]:
-        """Learner 0's weights -> object store (one copy) -> every rollout actor; returns served versions."""
-        state_ref = self.learners[0].export_weights.remote()
-        return ray.get([actor.update_weights.remote(self.version, state_ref) for actor in self.rollouts])
+        """Learner 0's weights -> object store (one copy) -> every rollout actor; returns served versions.
+
+        Every learner takes part in the export (a collective under ZeRO-3); only rank 0 returns them.
+        """
+        state_ref, *others = [learner.export_weights.remote() for learner in self.learners]
+        served = ray.get([actor.update_weights.remote(self.version, state_ref) for actor in self.rollouts])
+        ray.get(others)
+        return served
 
     def save(self, name: str) -> str:
         folder = str(self.run_dir / "checkpoints" / name)

@@ -23,7 +23,7 @@ from rlaif_ray.config import Config, load_config
 from rlaif_ray.data.dataset import VideoQAExample, load_jsonl
 from rlaif_ray.data.frames import FrameStore
 from rlaif_ray.evaluate import evaluate, greedy_answer_fn
-from rlaif_ray.learner.engine import build_engine, init_distributed
+from rlaif_ray.learner.engine import build_engine, gathered_trainable, init_distributed
 from rlaif_ray.models.policy import VideoLMPolicy
 from rlaif_ray.prepare import ensure_data, ensure_model
 
@@ -90,6 +90,7 @@ def run_sft(cfg: Config) -> dict[str, Any]:
         micro_batch_size=cfg.sft.batch_size,
         warmup_steps=cfg.sft.warmup_steps,
         dtype=cfg.model.dtype,
+        zero3_persistence_threshold=cfg.learner.zero3_persistence_threshold,
     )
 
     start = time.time()
@@ -120,7 +121,8 @@ def run_sft(cfg: Config) -> dict[str, Any]:
                     flush=True,
                 )
             metrics.write(json.dumps(record) + "\n")
-    policy.save(out)
+    with gathered_trainable(policy):  # under ZeRO-3 the trainable tensors are partitioned
+        policy.save(out)
     state = {
         "finished": True,
         "steps": cfg.sft.steps,

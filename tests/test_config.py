@@ -301,3 +301,25 @@ def test_empty_yaml_file_gives_defaults(tmp_path: Path):
 
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+# --------------------------------------------------------------------------- one-GPU config
+GPU_1X = CONFIGS / "gpu_1x.yaml"
+
+
+def test_gpu_1x_yaml_loads_with_every_value_from_the_file():
+    test_shipped_config_loads_with_every_value_from_the_file(GPU_1X)
+
+
+def test_gpu_1x_yaml_shares_one_gpu_between_rollout_and_learner():
+    cfg = load_config(GPU_1X)
+    assert cfg.rollout.engine == "vllm" and cfg.learner.backend == "nccl"
+    assert cfg.model.dtype == "bfloat16"
+    rollout, learner = cfg.rollout.num_gpus_per_actor, cfg.learner.num_gpus_per_actor
+    # Fractional requests, so that Ray places both actors on the one GPU ...
+    assert 0 < rollout < 1 and 0 < learner < 1
+    # ... and together they ask for no more than that GPU.
+    assert cfg.rollout.num_actors * rollout + cfg.learner.num_actors * learner <= 1
+    # vLLM's share of the GPU's memory leaves the learner room on the same card.
+    assert cfg.rollout.vllm_gpu_memory_utilization <= 0.5
+    assert cfg.rollout.vllm_max_lora_rank >= cfg.model.lora_r

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import ray
 import torch
+from safetensors.torch import load_file
 
 from rlaif_ray.config import Config
 from rlaif_ray.data.dataset import load_jsonl
@@ -28,15 +31,22 @@ def one_step(cfg: Config, groups: list, world_size: int) -> tuple[dict, dict[str
     ]
     addr, port = ray.get(learners[0].address.remote())
     ray.get([learner.setup.remote(addr, port) for learner in learners])
-    before = ray.get(learners[0].export_weights.remote())
+
+    def local_partition(learner: LearnerWorker) -> tuple[int, int]:
+        """(elements this rank holds, elements of the whole model); nested so that Ray ships it by value."""
+        params = list(learner.policy.parameters())
+        held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+        return held, sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
+
+    partition = ray.get([learner.__ray_call__.remote(local_partition) for learner in learners])
+    before = ray.get([learner.export_weights.remote() for learner in learners])[0]
     stats = ray.get([learner.train_step.remote(groups) for learner in learners])
     after = ray.get([learner.export_weights.remote() for learner in learners])
+    ray.get([learner.save.remote(str(Path(cfg.run_dir) / f"saved_{world_size}")) for learner in learners])
     for learner in learners:
         ray.kill(learner)
-    for other in after[1:]:
-        for key in after[0]:
-            assert torch.equal(after[0][key], other[key]), f"ranks disagree on {key}"
-    return {"stats": stats[0], "before": before}, after[0]
+    assert after[1:] == [None] * (world_size - 1), "only rank 0 returns the weights"
+    return {"stats": stats[0], "before": before, "partition": partition}, after[0]
 
 
 def test_shard_covers_everything_once() -> None:
@@ -59,12 +69,15 @@ def test_build_rows_skips_tied_and_unranked_groups(small_config: Config) -> None
         assert abs(sum(r.advantage for r in rows[i : i + g])) < 1e-6
 
 
-def test_two_learners_take_the_same_step_as_one(small_config: Config) -> None:
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_learners_take_the_same_step_as_one(small_config: Config, zero_stage: int) -> None:
     cfg = small_config
     cfg.rl.prompts_per_step, cfg.rl.group_size = 6, 4
     cfg.learner.micro_batch_size = 8  # several micro-batches per rank
     cfg.learner.lr = 1e-2  # a visible step
     cfg.learner.num_threads = 1  # two learner processes share the machine's cores
+    # Every tensor of the tiny model is below DeepSpeed's default threshold: partition them all.
+    cfg.learner.zero_stage, cfg.learner.zero3_persistence_threshold = zero_stage, 0
     groups = ranked_groups(cfg, cfg.rl.prompts_per_step)
     ray.init(num_cpus=4, include_dashboard=False)
     try:
@@ -73,6 +86,16 @@ def test_two_learners_take_the_same_step_as_one(small_config: Config) -> None:
         two, w2 = one_step(cfg, groups, world_size=2)
     finally:
         ray.shutdown()
+    if zero_stage == 3:  # each of the two ranks holds about half of every parameter
+        for held, total in two["partition"]:
+            assert held < 0.6 * total, (held, total)
+    # Both checkpoints hold the whole (gathered) weights: the same tensors as the export.
+    for world_size, weights in ((1, w1), (2, w2)):
+        saved = load_file(
+            str(Path(cfg.run_dir) / f"saved_{world_size}" / "adapter" / "adapter_model.safetensors")
+        )
+        assert len(saved) == sum(".lora_" in k for k in weights)
+        assert all(t.numel() > 0 for t in saved.values())
     assert one["stats"]["rows"] > 0 and one["stats"]["version"] == 1.0
     changed = [k for k in w1 if not torch.allclose(w1[k], one["before"][k])]
     assert changed, "the step changed no weight"
@@ -128,3 +151,25 @@ def test_one_step_raises_the_best_answer_over_the_worst(small_config: Config, re
     assert stats["rows"] == len(groups) * cfg.rl.group_size
     margin_gain = (after[:, best] - after[:, worst]) - (before[:, best] - before[:, worst])
     assert bool((margin_gain[distinct] > 0).all()), margin_gain[distinct].tolist()
+
+
+def test_learner_scores_without_dropout(small_config: Config) -> None:
+    """With lora_dropout the sampler (eval mode) and the learner still score the same function:
+    every importance ratio of the first pass is 1. A fresh adapter's B is zero (dropout has no
+    effect yet), so the check is on the second step, after the rollout worker took the update."""
+    cfg = small_config
+    cfg.model.lora_dropout = 0.5
+    cfg.learner.lr = 1e-2
+    rollout = RolloutWorker(cfg, cfg.model.path)
+    examples = load_jsonl(cfg.data.train)[:4]
+    learner = LearnerWorker(cfg, cfg.model.path)
+    learner.setup()
+    for step in (1, 2):
+        groups = rollout.rollout(examples, step=step)
+        for g in groups:
+            g.ranks, g.rank_status = [float(i) for i in range(g.size)], "ok"
+        stats = learner.train_step(groups)
+        rollout.update_weights(step, learner.export_weights())
+    assert stats["rows"] == 4 * cfg.rl.group_size
+    assert stats["ratio_max"] == pytest.approx(1.0, abs=1e-5)
+    assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-5)

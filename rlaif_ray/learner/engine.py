@@ -6,9 +6,11 @@ Only the parameters that require grad (LoRA adapter + projector) reach the optim
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -36,7 +38,9 @@ def init_distributed(
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if backend == "gloo" else "cuda")
+    # The backend decides where DeepSpeed runs (a DS_ACCELERATOR=cpu left in the environment by a
+    # CPU setup would otherwise put an nccl learner on the CPU).
+    os.environ["DS_ACCELERATOR"] = "cpu" if backend == "gloo" else "cuda"
     os.environ.update(
         {
             "MASTER_ADDR": master_addr,
@@ -53,15 +57,23 @@ def init_distributed(
 
 
 def deepspeed_config(
-    zero_stage: int, micro_batch_size: int, world_size: int, grad_clip: float, dtype: str = "float32"
+    zero_stage: int,
+    micro_batch_size: int,
+    world_size: int,
+    grad_clip: float,
+    dtype: str = "float32",
+    zero3_persistence_threshold: int = 100_000,
 ) -> dict[str, Any]:
     """The DeepSpeed JSON config (keys as documented by DeepSpeed)."""
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = zero3_persistence_threshold
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": 1,
         "train_batch_size": micro_batch_size * world_size,
         "gradient_clipping": grad_clip,
-        "zero_optimization": {"stage": zero_stage},
+        "zero_optimization": zero,
         # A plain torch optimizer: DeepSpeed's CPU Adam would need a compiled extension.
         "zero_force_ds_cpu_optimizer": False,
         "zero_allow_untested_optimizer": True,
@@ -82,6 +94,7 @@ def build_engine(
     micro_batch_size: int,
     warmup_steps: int = 0,
     dtype: str = "float32",
+    zero3_persistence_threshold: int = 100_000,
 ) -> Any:
     """Wrap ``model`` in a DeepSpeed engine with AdamW over its trainable parameters."""
     import deepspeed
@@ -98,12 +111,42 @@ def build_engine(
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(zero_stage, micro_batch_size, world_size, grad_clip, dtype),
+        config=deepspeed_config(
+            zero_stage, micro_batch_size, world_size, grad_clip, dtype, zero3_persistence_threshold
+        ),
     )
+    if zero_stage == 3:
+        register_attention_out_proj(model)
     log.info(
         "DeepSpeed ZeRO-%d engine: %d trainable tensors, world size %d", zero_stage, len(params), world_size
     )
     return engine
+
+
+def register_attention_out_proj(model: nn.Module) -> None:
+    """Let ZeRO-3 gather ``out_proj`` with each ``nn.MultiheadAttention`` (open_clip's encoder uses it).
+
+    The attention module reads ``out_proj.weight`` itself instead of calling ``out_proj``, so the
+    partitioned weight would never be fetched by ``out_proj``'s own forward hook.
+    """
+    from deepspeed.runtime.zero import register_external_parameter
+
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention):
+            for param in module.out_proj.parameters(recurse=False):
+                register_external_parameter(module, param)
+
+
+@contextlib.contextmanager
+def gathered_trainable(model: nn.Module) -> Iterator[None]:
+    """Inside, the trainable parameters are whole on every rank, also under ZeRO-3 (where they are
+    partitioned and the gather is a collective: every rank must enter at once). Only the trainable
+    tensors are gathered, never the frozen model."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
 
 
 def set_micro_batches(engine: Any, count: int) -> None:

@@ -23,7 +23,13 @@ from rlaif_ray.algo.losses import grpo_loss
 from rlaif_ray.config import Config
 from rlaif_ray.data.frames import FrameStore
 from rlaif_ray.groups import Group
-from rlaif_ray.learner.engine import build_engine, free_port, init_distributed, set_micro_batches
+from rlaif_ray.learner.engine import (
+    build_engine,
+    free_port,
+    gathered_trainable,
+    init_distributed,
+    set_micro_batches,
+)
 from rlaif_ray.models.policy import ADAPTER_DIR, VideoLMPolicy
 
 log = logging.getLogger(__name__)
@@ -101,11 +107,11 @@ def shard(items: list[Any], rank: int, world_size: int) -> list[Any]:
     return items[start : start + base + (1 if rank < extra else 0)]
 
 
-def _pad(rows: list[list[float]], width: int) -> torch.Tensor:
+def _pad(rows: list[list[float]], width: int, device: torch.device) -> torch.Tensor:
     out = torch.zeros(len(rows), width)
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.tensor(r)
-    return out
+    return out.to(device)
 
 
 class LearnerWorker:
@@ -145,6 +151,7 @@ class LearnerWorker:
             grad_clip=lc.grad_clip,
             micro_batch_size=lc.micro_batch_size,
             dtype=cfg.model.dtype,
+            zero3_persistence_threshold=lc.zero3_persistence_threshold,
         )
         # A fixed number of micro-batches per step (DeepSpeed counts accumulation boundaries
         # cumulatively), sized for a full batch; a smaller batch leaves some micro-batches light.
@@ -154,8 +161,14 @@ class LearnerWorker:
         return self.rank
 
     def train_step(self, groups: list[Group]) -> dict[str, float]:
-        """One optimizer step per epoch on the ranked ``groups`` (the same list on every rank)."""
+        """One optimizer step per epoch on the ranked ``groups`` (the same list on every rank).
+
+        The policy runs in eval mode (dropout off) in every pass: the sampler drew the answers
+        without dropout, so the importance ratio and the reference must score the same function
+        (``model.lora_dropout`` acts in SFT only).
+        """
         start = time.time()
+        self.engine.eval()
         rows, stats = build_rows(groups, self.cfg)
         rows = [r for r in rows if self.store.try_get(r.video) is not None]
         stats["rows"] = float(len(rows))
@@ -217,8 +230,8 @@ class LearnerWorker:
                 None, prompts, answers, temperature=temperature, reference=True, features=features
             )
         width = logprobs.shape[1]
-        old = _pad([r.old_logprobs for r in rows], width)
-        advantages = torch.tensor([r.advantage for r in rows])
+        old = _pad([r.old_logprobs for r in rows], width, logprobs.device)
+        advantages = torch.tensor([r.advantage for r in rows], device=logprobs.device)
         loss, stats = grpo_loss(
             logprobs,
             old,
@@ -249,22 +262,22 @@ class LearnerWorker:
         pixels = torch.stack([self.policy.preprocess(self.store.get(v)) for v in distinct])
         features = self.policy.visual_features(pixels)
         where = {v: i for i, v in enumerate(distinct)}
-        return features[torch.tensor([where[v] for v in videos])]
+        return features[torch.tensor([where[v] for v in videos], device=features.device)]
 
-    def export_weights(self) -> dict[str, torch.Tensor]:
-        """The trainable tensors (LoRA + projector), gathered whole even under ZeRO-3."""
-        import deepspeed
+    def export_weights(self) -> dict[str, torch.Tensor] | None:
+        """The trainable tensors (LoRA + projector) on rank 0, None on the other ranks.
 
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return self.policy.trainable_state_dict()
+        Under ZeRO-3 the gather is a collective: every rank must call this at once.
+        """
+        with gathered_trainable(self.policy):
+            return self.policy.trainable_state_dict() if self.rank == 0 else None
 
     def save(self, folder: str) -> str:
-        """Write a checkpoint (peft adapter + projector + policy.json) that every tool here loads."""
-        import deepspeed
+        """Write a checkpoint (peft adapter + projector + policy.json) that every tool here loads.
 
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        Every rank must call it (the ZeRO-3 gather is a collective); rank 0 writes.
+        """
+        with gathered_trainable(self.policy):
             if self.rank == 0:
                 self.policy.save(folder)
         return folder

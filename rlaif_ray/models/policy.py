@@ -177,20 +177,31 @@ class VideoInputs(nn.Module):
             pooled, tokens = self.vision(dummy)
         return tokens.shape[-1] if self.cfg.visual_tokens == "patch" else pooled.shape[-1]
 
+    @property
+    def device(self) -> torch.device:
+        """Where the inputs go: the device of the frozen encoder's normalisation buffers."""
+        return self.image_mean.device
+
     def preprocess(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 frames [T, H, W, 3] -> normalised pixels [T, 3, S, S] at the encoder's size."""
-        x = torch.as_tensor(frames).permute(0, 3, 1, 2).float().div(255.0)
+        """uint8 frames [T, H, W, 3] -> normalised fp32 pixels [T, 3, S, S] at the encoder's size, on
+        :attr:`device`."""
+        x = torch.as_tensor(frames).to(self.device).permute(0, 3, 1, 2).float().div(255.0)
         if x.shape[-2:] != (self.image_size, self.image_size):
             x = F.interpolate(
                 x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
             )
-        return (x - self.image_mean) / self.image_std
+        return (x - self.image_mean.float()) / self.image_std.float()
 
     @torch.no_grad()
     def visual_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Frozen encoder features: pixels [B, T, 3, S, S] -> [B, N, D] visual tokens (before the projector)."""
+        """Frozen encoder features: pixels [B, T, 3, S, S] -> [B, N, D] visual tokens (before the projector).
+
+        The pixels are cast to the encoder's device and dtype (DeepSpeed casts the whole module to
+        bf16 when ``model.dtype`` is bfloat16; the frames stay fp32 until here).
+        """
         b, t = pixels.shape[:2]
-        pooled, tokens = self.vision(pixels.flatten(0, 1))
+        weight = next(self.vision.parameters())
+        pooled, tokens = self.vision(pixels.flatten(0, 1).to(weight.device, weight.dtype))
         if self.cfg.visual_tokens == "patch":
             return spatio_temporal_pool(tokens.view(b, t, *tokens.shape[1:]))
         return pooled.view(b, t, -1)
@@ -358,20 +369,21 @@ class VideoLMPolicy(VideoInputs):
         answer position (the prompt's length after splicing, excluding padding).
         """
         embed = self.lm.get_input_embeddings()
+        device = visual.device
         rows, prompt_lens = [], []
         for i, ids in enumerate(prompts):
             cut = ids.index(self.video_token_id)
-            pre = embed(torch.tensor(ids[:cut], dtype=torch.long))
-            post = embed(torch.tensor(ids[cut + 1 :], dtype=torch.long))
+            pre = embed(torch.tensor(ids[:cut], dtype=torch.long, device=device))
+            post = embed(torch.tensor(ids[cut + 1 :], dtype=torch.long, device=device))
             parts = [pre, visual[i], post]
             prompt_lens.append(pre.shape[0] + visual.shape[1] + post.shape[0])
             if answers is not None:
-                parts.append(embed(torch.tensor(answers[i], dtype=torch.long)))
+                parts.append(embed(torch.tensor(answers[i], dtype=torch.long, device=device)))
             rows.append(torch.cat(parts, dim=0))
         length = max(r.shape[0] for r in rows)
         hidden = rows[0].shape[1]
         embeds = rows[0].new_zeros(len(rows), length, hidden)
-        mask = torch.zeros(len(rows), length, dtype=torch.long)
+        mask = torch.zeros(len(rows), length, dtype=torch.long, device=device)
         for i, row in enumerate(rows):
             n = row.shape[0]
             if pad_left:
@@ -414,6 +426,7 @@ class VideoLMPolicy(VideoInputs):
             index[i, :n] = torch.arange(prompt_lens[i] - 1, prompt_lens[i] - 1 + n)
             ans_mask[i, :n] = 1.0
             targets[i, :n] = torch.tensor(ans, dtype=torch.long)
+        index, ans_mask, targets = (t.to(logits.device) for t in (index, ans_mask, targets))
         picked = torch.gather(logits, 1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1])).float()
         logp_all = torch.log_softmax(picked / temperature, dim=-1)
         logprobs = torch.gather(logp_all, 2, targets.unsqueeze(-1)).squeeze(-1) * ans_mask

@@ -1,7 +1,8 @@
 """Rollout engines: what samples G answers per video prompt and serves a given weight version.
 
 ``hf`` runs the policy with transformers (CPU or GPU; the default and the tests). ``vllm`` runs
-the language model in vLLM with the LoRA adapter of each version (GPU only, see vllm_engine.py).
+the language model in vLLM with the LoRA adapter of each version (vLLM's GPU or CPU build, see
+vllm_engine.py).
 Both take decoded frames and questions and return :class:`~rlaif_ray.models.policy.Samples`.
 """
 
@@ -34,13 +35,22 @@ class RolloutEngine(abc.ABC):
         """Serve ``version``, whose trainable tensors (LoRA + projector) are ``state``."""
 
 
+def torch_device() -> torch.device:
+    """This process's device: its GPU (Ray sets CUDA_VISIBLE_DEVICES per actor), else the CPU."""
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+
+
 class HFEngine(RolloutEngine):
-    """The policy itself, sampling with transformers ``generate``."""
+    """The policy itself, sampling with transformers ``generate`` on :func:`torch_device`."""
 
     def __init__(self, cfg: Config, model_dir: str) -> None:
         self.cfg = cfg
         self.policy = VideoLMPolicy.from_folder(model_dir, cfg.model, seed=cfg.seed)
-        self.policy.eval()
+        self.policy.to(torch_device()).eval()
         self.image_size = self.policy.image_size
         self.version = 0
 

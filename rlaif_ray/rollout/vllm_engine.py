@@ -61,7 +61,7 @@ from rlaif_ray.models.policy import (
     build_projector,
     read_policy_spec,
 )
-from rlaif_ray.rollout.engine import RolloutEngine
+from rlaif_ray.rollout.engine import RolloutEngine, torch_device
 from rlaif_ray.rollout.lora_export import AdapterVersions, read_peft_adapter
 
 log = logging.getLogger(__name__)
@@ -101,15 +101,6 @@ def load_input_embeddings(lm_path: str, device: torch.device, dtype: torch.dtype
 
 ENCODER_FRAMES_PER_CALL = 256
 """Frames per frozen-encoder call: 16 videos x 50 frames x 336 px in one call needs ~15-20 GB."""
-
-
-def torch_device() -> torch.device:
-    """The device of this process's torch side: its GPU (Ray sets CUDA_VISIBLE_DEVICES), else the CPU."""
-    return (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
 
 
 class VLLMEngine(RolloutEngine):
