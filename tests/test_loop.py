@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlaif_ray.config import Config
+from rlaif_ray.config import Config, apply_overrides, config_from_dict
 from rlaif_ray.launch import run
 from rlaif_ray.sft import run_sft
 
@@ -73,3 +75,26 @@ def test_loop_runs_end_to_end(small_config: Config, tmp_path: Path) -> None:
     assert sft.keys() == final.keys()
     assert any(not torch.equal(sft[k], final[k]) for k in sft)
     assert (run_dir / "checkpoints" / "step_2" / "projector.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["learner.zero_stage=3", "learner.num_actors=2", "learner.zero3_persistence_threshold=0"],
+        ["model.dtype=bfloat16"],
+    ],
+    ids=["zero3_two_learners", "bf16"],
+)
+def test_loop_with_paper_scale_settings(small_config: Config, overrides: list[str]) -> None:
+    """A few steps with the settings of configs/paper_7b.yaml that the CPU can run."""
+    cfg = config_from_dict(apply_overrides(small_config.to_dict(), overrides))
+    cfg.sft.enabled = False
+    cfg.rl.steps, cfg.rl.prompts_per_step, cfg.rl.group_size = 2, 4, 4
+    cfg.rl.eval_every, cfg.rl.eval_examples = 2, 8
+    cfg.learner.num_threads = 1
+    summary = run(cfg)
+    records = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 2 and [r["rollout_versions"] for r in records] == [[0], [1]]
+    assert all(r["learner"]["rows"] > 0 and math.isfinite(r["learner"]["loss"]) for r in records)
+    assert summary["weight_version"] == 2 and [s["version"] for s in summary["rollout"]] == [2]
+    assert (Path(cfg.run_dir) / "checkpoints" / "final" / "adapter" / "adapter_model.safetensors").is_file()
