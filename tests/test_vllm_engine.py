@@ -20,9 +20,8 @@ from rlaif_ray.data.dataset import VideoQAExample, load_jsonl
 from rlaif_ray.data.frames import FrameStore
 from rlaif_ray.launch import Trainer, prepare_run, warm_start
 from rlaif_ray.models.policy import VideoLMPolicy
+from rlaif_ray.rollout import vllm_engine  # `make install` puts vLLM in: never skipped
 from rlaif_ray.rollout.engine import HFEngine
-
-vllm_engine = pytest.importorskip("rlaif_ray.rollout.vllm_engine", reason="vLLM is not installed")
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
