@@ -353,3 +353,44 @@ def test_ref_required_only_with_kl() -> None:
         grpo_loss(**args, kl_coef=0.1)  # type: ignore[arg-type]
     loss, _ = grpo_loss(**args)  # type: ignore[arg-type]
     assert loss.item() == 0.0
+
+
+# --------------------------------------------------------------------------- off-policy correction
+
+
+def test_decoupled_truncated_importance_weights_by_hand() -> None:
+    """With behaviour log-probs mu, each token's clipped term is scaled by min(pi_prox / mu, cap)."""
+    logp, prox = clipping_case()[:2]
+    adv = torch.tensor(ADV, dtype=torch.float64)
+    mask = torch.tensor(MASK, dtype=torch.float64)
+    # pi_prox / mu per token: 0.5, 1.0, 4.0 (capped at 2), 1.5, 0.25, (padding) 8.0
+    w = [[0.5, 1.0, 4.0], [1.5, 0.25, 8.0]]
+    behaviour = prox - torch.tensor(w, dtype=torch.float64).log()
+    loss, stats = grpo_loss(logp, prox, None, adv, mask, behaviour_logprobs=behaviour, is_cap=2.0)
+    capped = [[0.5, 1.0, 2.0], [1.5, 0.25]]
+    expected = (
+        sum(c * pg for cr, pr in zip(capped, PG, strict=True) for c, pg in zip(cr, pr, strict=True)) / 5
+    )
+    close(loss, expected)
+    loss.backward()
+    close(
+        logp.grad,
+        [
+            [c * g / 5 for c, g in zip(cr, gr, strict=False)] + [0.0] * (3 - len(cr))
+            for cr, gr in zip(capped, PG_GRAD, strict=True)
+        ],
+    )
+    assert stats["is_weight_mean"] == pytest.approx((0.5 + 1.0 + 2.0 + 1.5 + 0.25) / 5)
+    assert stats["is_capped_frac"] == pytest.approx(1 / 5)  # the padded 8.0 does not count
+    # The weights are constants: mu gets no gradient, and equal log-probs give the on-policy loss.
+    on_policy, _ = grpo_loss(logp.detach(), prox, None, adv, mask, behaviour_logprobs=prox)
+    plain, _ = grpo_loss(logp.detach(), prox, None, adv, mask)
+    close(on_policy, plain.item())
+
+
+def test_behaviour_logprobs_shape_and_cap_are_checked() -> None:
+    logp, prox, adv, mask = clipping_case()
+    with pytest.raises(ValueError, match="behaviour_logprobs"):
+        grpo_loss(logp, prox, None, adv, mask, behaviour_logprobs=prox[:, :2])
+    with pytest.raises(ValueError, match="is_cap"):
+        grpo_loss(logp, prox, None, adv, mask, behaviour_logprobs=prox, is_cap=0.0)

@@ -6,11 +6,13 @@ advantages are [B], one per sequence, broadcast over its tokens.
 
 With ``rho_t = exp(log pi(a_t) - log pi_old(a_t))`` and sequence advantage ``A``::
 
-    pg_t   = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A)
+    pg_t   = -w_t * min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A)
     loss_t = pg_t + kl_coef * kl_t - entropy_coef * entropy_t
     loss   = aggregate(loss_t, mask, aggregation)
 
-Plain GRPO (DeepSeekMath) is this loss with ``score`` advantages.
+Plain GRPO (DeepSeekMath) is this loss with ``score`` advantages. ``w_t`` is 1 on-policy; for
+answers sampled by an older weight version (the asynchronous loop) it is the decoupled,
+truncated importance weight of :func:`grpo_loss`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ __all__ = [
     "KL_ESTIMATORS",
     "LOG_RATIO_CLAMP",
     "aggregate",
+    "behaviour_weights",
     "grpo_loss",
     "kl_k1",
     "kl_k3",
@@ -213,6 +216,18 @@ def _check_args(
         raise ValueError(f"unknown kl_estimator {kl_estimator!r}; known: {', '.join(sorted(KL_ESTIMATORS))}")
 
 
+def behaviour_weights(
+    prox_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """Truncated importance weights ``w_t = min(pi_prox(a_t) / mu(a_t), cap)`` (constants, no gradient).
+
+    ``mu`` is the behaviour policy, the weight version that sampled the answer; ``pi_prox`` the
+    learner's weights at the start of the update. The log-ratio is clamped to +-LOG_RATIO_CLAMP.
+    """
+    log_w = (prox_logprobs.detach() - behaviour_logprobs.detach()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return torch.exp(log_w).clamp(max=cap)
+
+
 def grpo_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -227,6 +242,8 @@ def grpo_loss(
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
     aggregation: str = "token_mean",
+    behaviour_logprobs: torch.Tensor | None = None,
+    is_cap: float = 2.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped GRPO surrogate with KL penalty and entropy bonus; returns ``(loss, stats)``.
 
@@ -243,10 +260,24 @@ def grpo_loss(
 
     ``ref_logprobs`` may be None when ``kl_coef == 0``; if given, the KL is reported.
 
+    Off-policy answers (decoupled PPO, as in AReaL, with verl's truncated importance sampling):
+    when the answers were sampled by an older weight version ``mu``, pass its log-probs as
+    ``behaviour_logprobs`` and the learner's log-probs at the start of this update (``pi_prox``,
+    no gradient) as ``old_logprobs``. The trust region is then taken around ``pi_prox`` and the
+    off-policy gap is corrected by a weight per token::
+
+        pg_t = -w_t * min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A),
+        rho_t = pi(a_t) / pi_prox(a_t),   w_t = min(pi_prox(a_t) / mu(a_t), is_cap)
+
+    so that ``E_mu[w rho A] = E_pi[A]`` wherever the cap does not bind. With
+    ``behaviour_logprobs=None`` (on-policy: ``mu = pi_prox``), ``w_t = 1``.
+
     Stats (python floats): ``loss``, ``pg_loss`` (aggregated like the loss), ``clip_frac``
     (share of real tokens where the clipped term was chosen and differs), ``ratio_mean``
     and ``ratio_max`` over real tokens, ``kl`` (token-mean over real tokens, when
-    ``ref_logprobs`` is given) and ``entropy`` (token mean, when given).
+    ``ref_logprobs`` is given), ``entropy`` (token mean, when given) and, with
+    ``behaviour_logprobs``, ``is_weight_mean`` and ``is_capped_frac`` (share of real tokens whose
+    weight was truncated at ``is_cap``).
     """
     _check_args(
         logprobs,
@@ -273,6 +304,13 @@ def grpo_loss(
     surr = ratio * adv
     surr_clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv
     pg = -torch.minimum(surr, surr_clipped)
+    weights = None
+    if behaviour_logprobs is not None:
+        _check_like("behaviour_logprobs", behaviour_logprobs, logprobs.shape)
+        if not is_cap > 0:
+            raise ValueError(f"is_cap must be > 0, got {is_cap}")
+        weights = behaviour_weights(old, behaviour_logprobs.to(dtype), is_cap)
+        pg = weights * pg
     per_token = pg
 
     kl = None
@@ -299,4 +337,7 @@ def grpo_loss(
             stats["kl"] = token_mean(kl, mask).item()
         if entropy is not None:
             stats["entropy"] = token_mean(entropy.to(dtype), mask).item()
+        if weights is not None:
+            stats["is_weight_mean"] = token_mean(weights, mask).item()
+            stats["is_capped_frac"] = ((weights >= is_cap) & keep).sum().item() / max(1, n_real.item())
     return loss, stats
