@@ -157,6 +157,9 @@ class AlgoConfig:
     aggregation: Literal["token_mean", "seq_mean_token_mean"] = "token_mean"
     # Drop groups whose advantages are all zero (all-tied): they carry no signal.
     skip_tied_groups: bool = True
+    # Cap of the truncated importance weight pi_prox / mu of answers sampled by an older weight
+    # version (rl.max_staleness > 0; see rlaif_ray/algo/losses.py, grpo_loss).
+    is_cap: float = 2.0
 
 
 @dataclass
@@ -192,8 +195,10 @@ class RLConfig:
     eval_every: int = 20
     # Held-out examples used by each evaluation (0: the whole split).
     eval_examples: int = 0
-    # How many weight versions a rollout may lag behind the learner.
-    max_staleness: int = 1
+    # How many updates may come between the weight version that samples a group and the update
+    # that learns it. 0: synchronous and on-policy. Above 0 the rollout actors sample the next
+    # prompts while the learner learns, and stale answers are corrected (algo.is_cap).
+    max_staleness: int = 0
     checkpoint_every: int = 20
     # Stop the loop after this many seconds of RL (0: run all ``steps``).
     time_limit_s: float = 0.0
@@ -284,6 +289,7 @@ def validate(cfg: Config) -> Config:
         _check(value >= 0, key, value, "a value >= 0")
     for key, value in [("sft.lr", cfg.sft.lr), ("learner.lr", cfg.learner.lr)]:
         _check(value > 0, key, value, "a learning rate > 0")
+    _check(cfg.algo.is_cap > 0, "algo.is_cap", cfg.algo.is_cap, "a weight cap > 0")
     for key, value in [("algo.eps_low", cfg.algo.eps_low), ("algo.eps_high", cfg.algo.eps_high)]:
         _check(0 < value, key, value, "a clip range > 0")
     _check(

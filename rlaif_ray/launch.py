@@ -27,7 +27,7 @@ import ray
 import yaml
 
 from rlaif_ray.config import Config, load_config
-from rlaif_ray.data.dataset import VideoQAExample, load_jsonl
+from rlaif_ray.data.dataset import load_jsonl
 from rlaif_ray.groups import Group
 from rlaif_ray.learner.worker import LearnerWorker, shard
 from rlaif_ray.prepare import ensure_data, ensure_model
@@ -104,7 +104,18 @@ def sampled_accuracy(groups: list[Group]) -> float | None:
 
 
 class Trainer:
-    """Drives the actors through the GRPO_rank loop and writes the run folder."""
+    """Drives the actors through the GRPO_rank loop and writes the run folder.
+
+    One loop for every staleness bound. Rollout actors sample ahead while the rankers order and
+    the learner learns: the driver keeps ``(rl.max_staleness + 1) * rl.prompts_per_step`` groups
+    in the pipeline (being sampled, being ranked, or ranked and waiting), ranked groups stream in
+    as each chunk finishes, and every update takes exactly ``rl.prompts_per_step`` of them, oldest
+    first. A group's lag is the learner's version at the update that learns it minus the version
+    that sampled it; a group whose lag would exceed ``rl.max_staleness`` is dropped and counted.
+    With the bound at 0 this is the synchronous, on-policy loop: sample, rank, learn, sync.
+    After each update every rollout actor is sent the new weights before any further sampling
+    request (Ray runs an actor's calls in order), so what it samples next uses them.
+    """
 
     def __init__(self, cfg: Config, run_dir: Path, policy_dir: str) -> None:
         self.cfg = cfg
@@ -118,27 +129,122 @@ class Trainer:
         self.rollouts = start_rollouts(cfg, policy_dir)
         self.pool = RankerPool(cfg)
         self.version = 0
+        self.draws = 0  # sampling requests so far: each draw's groups are ids "<draw>:<example>"
+        self.sampling: dict[Any, tuple[int, int]] = {}  # rollout ref -> (draw, prompts asked)
+        self.ready: list[Group] = []  # ranked, waiting for the learner, in arrival order
+        self.order: dict[str, tuple[int, int]] = {}  # group id -> (draw, position): the sampling order
+        self.syncs: list[Any] = []
+        self.empty_draws = 0
+        self.learning = 0  # groups in the learner's update now
+        self.updates_left = cfg.rl.steps
+        # Every group sampled ends up learned (of which skipped_tied carried no signal), dropped
+        # (too stale, or unranked by the ranker's "drop" fallback) or, at the end, unlearned.
+        self.counts = {
+            "sampled": 0,
+            "learned": 0,
+            "skipped_tied": 0,
+            "dropped_stale": 0,
+            "dropped_unranked": 0,
+        }
 
     def evaluate(self) -> dict[str, Any]:
         """Held-out accuracy of the served version (rollout-0, greedy)."""
         return ray.get(self.rollouts[0].evaluate.remote(self.test))
 
-    def rollout(self, examples: list[VideoQAExample], step: int) -> list[Group]:
-        n = len(self.rollouts)
-        parts = ray.get(
-            [actor.rollout.remote(shard(examples, i, n), step) for i, actor in enumerate(self.rollouts)]
-        )
-        return [g for part in parts for g in part]
+    def in_pipeline(self) -> int:
+        """Groups asked of the rollout actors, being ranked, ranked and waiting, or being learned."""
+        return sum(n for _, n in self.sampling.values()) + self.pool.pending + len(self.ready) + self.learning
 
-    def sync_weights(self) -> list[int]:
-        """Learner 0's weights -> object store (one copy) -> every rollout actor; returns served versions.
+    def sample_ahead(self) -> None:
+        """Ask the rollout actors for prompts until the pipeline holds what the bound allows.
 
-        Every learner takes part in the export (a collective under ZeRO-3); only rank 0 returns them.
+        A group sampled now is learned after every group ahead of it in the pipeline; with at most
+        ``(max_staleness + 1) * prompts_per_step`` groups in it, at most ``max_staleness`` updates
+        come between the version that samples it and the update that learns it. Nothing is asked
+        for beyond what the remaining updates will learn.
         """
+        rounds = min(self.cfg.rl.max_staleness + 1, self.updates_left)
+        target = rounds * self.cfg.rl.prompts_per_step
+        missing = target - self.in_pipeline()
+        if missing <= 0:
+            return
+        examples = self.rng.sample(self.train, min(missing, len(self.train)))
+        self.draws += 1
+        n = len(self.rollouts)
+        for i, actor in enumerate(self.rollouts):
+            part = shard(examples, i, n)
+            if part:
+                self.sampling[actor.rollout.remote(part, self.draws)] = (self.draws, len(part))
+
+    def on_sampled(self, ref: Any) -> None:
+        draw, _ = self.sampling.pop(ref)
+        groups = ray.get(ref)
+        for position, group in enumerate(groups):
+            self.order[group.group_id] = (draw, position)
+        self.counts["sampled"] += len(groups)
+        self.pool.submit(groups)
+
+    def on_ranked(self, ref: Any) -> None:
+        for group in self.pool.collect(ref):
+            if group.ranks is None:  # the ranker's "drop" fallback
+                self.counts["dropped_unranked"] += 1
+                self.order.pop(group.group_id, None)
+            else:
+                self.ready.append(group)
+
+    def take_batch(self) -> list[Group] | None:
+        """``rl.prompts_per_step`` ranked groups within the staleness bound (oldest first, then in
+        sampling order), or None while too few have arrived. Groups over the bound are dropped."""
+        fresh = []
+        for group in self.ready:
+            if self.version - group.weight_version <= self.cfg.rl.max_staleness:
+                fresh.append(group)
+                continue
+            log.warning("group %s of version %d is too old: dropped", group.group_id, group.weight_version)
+            self.counts["dropped_stale"] += 1
+            self.order.pop(group.group_id, None)
+        self.ready = fresh
+        size = self.cfg.rl.prompts_per_step
+        if len(self.ready) < size:
+            return None
+        batch, self.ready = self.ready[:size], self.ready[size:]
+        return sorted(batch, key=lambda g: self.order.pop(g.group_id))
+
+    def sync_weights(self) -> None:
+        """Learner 0's weights -> object store (one copy) -> every rollout actor, ahead of its next
+        sampling request. Every learner takes part in the export (a collective under ZeRO-3)."""
         state_ref, *others = [learner.export_weights.remote() for learner in self.learners]
-        served = ray.get([actor.update_weights.remote(self.version, state_ref) for actor in self.rollouts])
-        ray.get(others)
-        return served
+        self.syncs = [
+            actor.update_weights.remote(self.version, state_ref) for actor in self.rollouts
+        ] + others
+
+    def progress(self, until: list[Any] | None = None) -> bool:
+        """Handle the next finished sampling or ranking request, or return True once every reference
+        in ``until`` (the learner's update) is done: the rollouts and rankers work meanwhile."""
+        if until is not None and not ray.wait(until, num_returns=len(until), timeout=0)[1]:
+            return True
+        waiting = list(self.sampling) + self.pool.in_flight() + (until or [])
+        if not waiting:
+            raise RuntimeError("nothing is being sampled or ranked, yet no batch is ready")
+        done, _ = ray.wait(waiting, num_returns=1)
+        if done[0] in self.sampling:
+            before = self.counts["sampled"]
+            self.on_sampled(done[0])
+            self.empty_draws = self.empty_draws + 1 if self.counts["sampled"] == before else 0
+            if self.empty_draws >= 10 * len(self.rollouts):
+                raise RuntimeError(
+                    "the rollout actors returned no group 10 times in a row: does any video decode?"
+                )
+        elif done[0] in self.pool.in_flight():
+            self.on_ranked(done[0])
+        return False
+
+    def wait_for_batch(self) -> list[Group]:
+        """Keep sampling and ranking until a batch is ready."""
+        while (batch := self.take_batch()) is None:
+            self.sample_ahead()
+            self.progress()
+        return batch
 
     def save(self, name: str) -> str:
         folder = str(self.run_dir / "checkpoints" / name)
@@ -147,38 +253,48 @@ class Trainer:
 
     def step(self, step: int) -> dict[str, Any]:
         t0 = time.time()
-        examples = self.rng.sample(self.train, min(self.cfg.rl.prompts_per_step, len(self.train)))
-        groups = self.rollout(examples, step)
+        self.sample_ahead()
+        batch = self.wait_for_batch()
         t1 = time.time()
-        ranked = self.pool.rank(groups)
+        lags = [self.version - g.weight_version for g in batch]
+        groups_ref = ray.put(batch)
+        updates = [learner.train_step.remote(groups_ref) for learner in self.learners]
+        self.learning = len(batch)
+        while not self.progress(until=updates):
+            self.sample_ahead()
+        learner_stats = ray.get(updates)[0]
+        self.learning = 0
+        self.updates_left -= 1
+        self.counts["learned"] += len(batch)
+        self.counts["skipped_tied"] += int(learner_stats.get("groups_skipped_tied", 0))
         t2 = time.time()
-        groups_ref = ray.put(ranked)
-        learner_stats = ray.get([learner.train_step.remote(groups_ref) for learner in self.learners])[0]
-        t3 = time.time()
+        ray.get(self.syncs)  # the previous update's weights reached every rollout actor
         if not learner_stats.get("skipped_step"):
             self.version = int(learner_stats["version"])
-            served = self.sync_weights()
-            if any(v != self.version for v in served):
-                raise RuntimeError(f"rollout actors serve versions {served}, expected {self.version}")
-        t4 = time.time()
-        record: dict[str, Any] = {
+            self.sync_weights()
+        self.sample_ahead()  # sample the next prompts while this step is recorded and evaluated
+        t3 = time.time()
+        return {
             "step": step,
-            "samples": sum(g.size for g in groups),
-            "groups": len(groups),
+            "samples": sum(g.size for g in batch),
+            "groups": len(batch),
             "weight_version": self.version,
-            "rollout_versions": sorted({g.weight_version for g in groups}),
-            "sampled_accuracy": sampled_accuracy(ranked),
+            "rollout_versions": sorted({g.weight_version for g in batch}),
+            "group_ids": [g.group_id for g in batch],
+            "group_lags": lags,
+            "sampled_accuracy": sampled_accuracy(batch),
             "ranker": self.pool.stats(),
+            "pipeline": {**self.counts, "in_flight": self.in_pipeline()},
             "learner": learner_stats,
             "time": {
-                "rollout_s": t1 - t0,
-                "rank_s": t2 - t1,
-                "learn_s": t3 - t2,
-                "sync_s": t4 - t3,
-                "step_s": t4 - t0,
+                "wait_s": t1 - t0,
+                "rollout_s": sum(g.rollout_s for g in batch) / len(batch),
+                "rank_s": sum(g.rank_s for g in batch) / len(batch),
+                "learn_s": t2 - t1,
+                "sync_s": t3 - t2,
+                "step_s": t3 - t0,
             },
         }
-        return record
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -187,15 +303,21 @@ class Trainer:
         print(f"[rl] held-out accuracy before RL: {before['accuracy']:.3f} (n={before['n']})", flush=True)
         evals = [{"step": 0, **before}]
         rl_start = time.time()
+        eval_s = 0.0  # evaluation time does not count against rl.time_limit_s
         steps_done = 0
         with (self.run_dir / "metrics.jsonl").open("w") as metrics:
             for step in range(1, cfg.rl.steps + 1):
                 record = self.step(step)
                 steps_done = step
-                out_of_time = bool(cfg.rl.time_limit_s) and time.time() - rl_start >= cfg.rl.time_limit_s
+                out_of_time = (
+                    bool(cfg.rl.time_limit_s) and time.time() - rl_start - eval_s >= cfg.rl.time_limit_s
+                )
                 if step % cfg.rl.eval_every == 0 and step != cfg.rl.steps and not out_of_time:
+                    t = time.time()
+                    ray.get(self.syncs)
                     record["eval"] = self.evaluate()
                     evals.append({"step": step, **record["eval"]})
+                    eval_s += time.time() - t
                 if step % cfg.rl.checkpoint_every == 0:
                     record["checkpoint"] = self.save(f"step_{step}")
                 metrics.write(json.dumps(record) + "\n")
@@ -206,7 +328,8 @@ class Trainer:
                         f"[rl] rl.time_limit_s={cfg.rl.time_limit_s:g} reached after {step} steps", flush=True
                     )
                     break
-        rl_wall_s = time.time() - rl_start
+        rl_wall_s = time.time() - rl_start - eval_s
+        ray.get(self.syncs)
         after = self.evaluate() if steps_done else before
         evals.append({"step": steps_done, **after})
         final = self.save("final")
@@ -218,9 +341,11 @@ class Trainer:
             "eval_examples": after["n"],
             "steps": steps_done,
             "weight_version": self.version,
+            "max_staleness": cfg.rl.max_staleness,
             "wall_s": time.time() - start,
             "rl_wall_s": rl_wall_s,
             "evals": evals,
+            "groups": {**self.counts, "unlearned_at_end": self.in_pipeline()},
             "ranker": self.pool.stats(),
             "rollout": ray.get([a.stats.remote() for a in self.rollouts]),
             "checkpoint": final,
@@ -237,9 +362,11 @@ class Trainer:
 def progress_line(record: dict[str, Any], steps: int) -> str:
     lrn, t = record["learner"], record["time"]
     acc = record["sampled_accuracy"]
+    lags = record["group_lags"]
     parts = [
         f"[rl] step {record['step']}/{steps}",
         f"v{record['weight_version']}",
+        f"lag<={max(lags)}" if lags else "lag=n/a",
         f"sampled_acc={acc:.3f}" if acc is not None else "sampled_acc=n/a",
     ]
     for key in ("loss", "kl", "clip_frac"):
@@ -247,10 +374,7 @@ def progress_line(record: dict[str, Any], steps: int) -> str:
             parts.append(f"{key}={lrn[key]:.4f}")
     if "eval" in record:
         parts.append(f"heldout_acc={record['eval']['accuracy']:.3f}")
-    parts.append(
-        f"(rollout {t['rollout_s']:.1f}s rank {t['rank_s']:.1f}s learn {t['learn_s']:.1f}s "
-        f"sync {t['sync_s']:.1f}s)"
-    )
+    parts.append(f"(wait {t['wait_s']:.1f}s learn {t['learn_s']:.1f}s sync {t['sync_s']:.1f}s)")
     return " ".join(parts)
 
 

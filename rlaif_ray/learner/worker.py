@@ -42,8 +42,10 @@ class TrainRow:
     video: str
     question: str
     completion_ids: list[int]
+    # Per-token log-probs under the version that sampled the answer (the behaviour policy).
     old_logprobs: list[float]
     advantage: float
+    weight_version: int = 0
 
 
 def group_advantages(groups: list[Group], cfg: Config) -> list[list[float]]:
@@ -87,7 +89,7 @@ def build_rows(groups: list[Group], cfg: Config) -> tuple[list[TrainRow], dict[s
             skipped_tied += 1
             continue
         for ids, logp, a in zip(group.completion_ids, group.logprobs, adv, strict=True):
-            rows.append(TrainRow(group.video, group.question, ids, logp, a))
+            rows.append(TrainRow(group.video, group.question, ids, logp, a, group.weight_version))
     flat = [a for adv in advantages for a in adv]
     stats = {
         "groups": float(len(groups)),
@@ -166,6 +168,13 @@ class LearnerWorker:
         The policy runs in eval mode (dropout off) in every pass: the sampler drew the answers
         without dropout, so the importance ratio and the reference must score the same function
         (``model.lora_dropout`` acts in SFT only).
+
+        Answers sampled by an older version than the learner's (the asynchronous loop) are
+        corrected as in :func:`rlaif_ray.algo.losses.grpo_loss`: the learner's log-probs at the start
+        of this step (``pi_prox``, one extra forward pass without gradient) anchor the clipped
+        ratio, and the truncated weight ``min(pi_prox / mu, algo.is_cap)`` corrects for the
+        sampler ``mu``. When every answer comes from the learner's own version, ``mu`` is
+        ``pi_prox`` and the step is the plain on-policy one.
         """
         start = time.time()
         self.engine.eval()
@@ -184,10 +193,17 @@ class LearnerWorker:
         chunks = [shard(mine, i, n_micro) for i in range(n_micro)]
         totals: dict[str, float] = {}
         real_chunks = sum(1 for c in chunks if c) * self.cfg.learner.epochs_per_batch
+        lags = [self.version - r.weight_version for r in rows]
+        off_policy = max(lags) > 0
+        # Under ZeRO-3 the extra forward is a collective: every rank runs it, real rows or not.
+        prox = [self._prox_logprobs(chunk or mine[:1]) if off_policy else None for chunk in chunks]
+        stats.update({"lag_max": float(max(lags)), "lag_mean": sum(lags) / len(lags)})
         for _ in range(self.cfg.learner.epochs_per_batch):
-            for chunk in chunks:
+            for chunk, chunk_prox in zip(chunks, prox, strict=True):
                 # An empty share still runs (with zero weight): every rank must reduce gradients.
-                micro_stats = self._micro_step(chunk or mine[:1], bool(chunk), global_count, n_micro)
+                micro_stats = self._micro_step(
+                    chunk or mine[:1], bool(chunk), global_count, n_micro, chunk_prox
+                )
                 for key, value in micro_stats.items():
                     if chunk and key == "ratio_max":
                         totals[key] = max(totals.get(key, 0.0), value)
@@ -208,8 +224,27 @@ class LearnerWorker:
         )
         return stats
 
+    @torch.no_grad()
+    def _prox_logprobs(self, rows: list[TrainRow]) -> torch.Tensor:
+        """The learner's log-probs of ``rows`` before this step's update (``pi_prox``)."""
+        features = self._visual_features([r.video for r in rows])
+        prompts = [self.policy.prompt_ids(r.question) for r in rows]
+        logprobs, _, _ = self.policy.answer_logprobs(
+            None,
+            prompts,
+            [r.completion_ids for r in rows],
+            temperature=self.cfg.rollout.temperature,
+            features=features,
+        )
+        return logprobs
+
     def _micro_step(
-        self, rows: list[TrainRow], real: bool, global_count: int, n_micro: int
+        self,
+        rows: list[TrainRow],
+        real: bool,
+        global_count: int,
+        n_micro: int,
+        prox: torch.Tensor | None = None,
     ) -> dict[str, float]:
         features = self._visual_features([r.video for r in rows])
         prompts = [self.policy.prompt_ids(r.question) for r in rows]
@@ -230,11 +265,11 @@ class LearnerWorker:
                 None, prompts, answers, temperature=temperature, reference=True, features=features
             )
         width = logprobs.shape[1]
-        old = _pad([r.old_logprobs for r in rows], width, logprobs.device)
+        behaviour = _pad([r.old_logprobs for r in rows], width, logprobs.device)
         advantages = torch.tensor([r.advantage for r in rows], device=logprobs.device)
         loss, stats = grpo_loss(
             logprobs,
-            old,
+            behaviour if prox is None else prox,
             ref,
             advantages,
             mask,
@@ -245,6 +280,8 @@ class LearnerWorker:
             entropy=entropy,
             entropy_coef=algo.entropy_coef,
             aggregation=algo.aggregation,
+            behaviour_logprobs=None if prox is None else behaviour,
+            is_cap=algo.is_cap,
         )
         local_count = mask.sum().item() if algo.aggregation == "token_mean" else float(len(rows))
         # grpo_loss averages over this micro-batch; rescale to the global mean. DeepSpeed divides

@@ -2,10 +2,15 @@
 
 Each actor (``ranker-0``, ``ranker-1``, ...) wraps a :class:`RankerWorker` and asks for the custom
 resource ``ranker.resource`` so that the cluster launcher (``cluster/autoscale.yaml``) adds ranker
-nodes when actors are pending and removes them when idle. The pool grows by one actor whenever
-more than ``ranker.scale_up_backlog`` groups per actor wait, and shrinks back to
-``ranker.min_actors`` after a call whose backlog never needed the extra actors. A dead actor is
-replaced and its groups are ranked again, so no group is lost.
+nodes when actors are pending and removes them when idle.
+
+Groups stream through it: :meth:`RankerPool.submit` queues them in chunks, :meth:`RankerPool.dispatch`
+hands chunks to idle actors, and the driver waits on :meth:`RankerPool.in_flight` together with its
+other work and passes each finished reference to :meth:`RankerPool.collect`, which returns that
+chunk's ranked groups. :meth:`RankerPool.rank` does all of that for one list and returns it in order.
+The pool grows by one actor whenever more than ``ranker.scale_up_backlog`` groups per actor wait,
+and shrinks back to what its peak backlog needed whenever it runs empty. A dead actor is replaced
+and its groups are ranked again, so no group is lost.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ class RankerPool:
         self.scale_downs = 0
         self.restarts = 0
         self.counts: dict[str, int] = {"groups": 0, "attempts": 0, "ok": 0, "fallback_tie": 0, "dropped": 0}
+        self._queue: deque[list[Group]] = deque()
+        self._in_flight: dict[Any, tuple[str, list[Group]]] = {}
+        self._peak_backlog = 0
         for _ in range(cfg.ranker.min_actors):
             self._add_actor()
 
@@ -60,56 +68,86 @@ class RankerPool:
     def size(self) -> int:
         return len(self.actors)
 
-    def rank(self, groups: list[Group]) -> list[Group]:
-        """Rank every group (returned in the input order); grows the pool while the queue is long."""
+    @property
+    def backlog(self) -> int:
+        """Groups queued and not yet handed to an actor."""
+        return sum(len(chunk) for chunk in self._queue)
+
+    @property
+    def pending(self) -> int:
+        """Groups submitted and not yet collected (queued or being ranked)."""
+        return self.backlog + sum(len(chunk) for _, chunk in self._in_flight.values())
+
+    def submit(self, groups: list[Group]) -> None:
+        """Queue ``groups`` for ranking, in chunks small enough to spread over ``max_actors`` actors."""
         if not groups:
-            return []
+            return
         chunk = max(1, math.ceil(len(groups) / (2 * self.cfg.ranker.max_actors)))
-        queue = deque(range(i, min(i + chunk, len(groups))) for i in range(0, len(groups), chunk))
-        results: dict[int, Group] = {}
-        in_flight: dict[Any, tuple[str, range]] = {}
-        busy: set[str] = set()
-        peak_backlog = 0
-        while queue or in_flight:
-            backlog = sum(len(r) for r in queue)
-            peak_backlog = max(peak_backlog, backlog)
-            if (
-                backlog > self.cfg.ranker.scale_up_backlog * self.size
-                and self.size < self.cfg.ranker.max_actors
-            ):
-                name = self._add_actor()
-                self.scale_ups += 1
-                log.info("ranker pool: %d groups waiting, added %s (%d actors)", backlog, name, self.size)
-            for name, actor in list(self.actors.items()):
-                if queue and name not in busy:
-                    rows = queue.popleft()
-                    ref = actor.rank_groups.remote([groups[i] for i in rows])
-                    in_flight[ref] = (name, rows)
-                    busy.add(name)
-            done, _ = ray.wait(list(in_flight), num_returns=1)
-            name, rows = in_flight.pop(done[0])
-            busy.discard(name)
-            try:
-                for i, group in zip(rows, ray.get(done[0]), strict=True):
-                    results[i] = group
-            except RayActorError as exc:
-                log.warning(
-                    "ranker actor %s died (%s); replacing it and re-queueing %d groups", name, exc, len(rows)
-                )
-                self.actors.pop(name, None)
-                self.restarts += 1
-                self._add_actor()
-                queue.appendleft(rows)
-        self._shrink(peak_backlog)
-        ranked = [results[i] for i in range(len(groups))]
+        self._queue.extend(groups[i : i + chunk] for i in range(0, len(groups), chunk))
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        """Grow the pool when the backlog is long, then hand queued chunks to idle actors."""
+        backlog = self.backlog
+        self._peak_backlog = max(self._peak_backlog, backlog)
+        while (
+            backlog > self.cfg.ranker.scale_up_backlog * self.size and self.size < self.cfg.ranker.max_actors
+        ):
+            name = self._add_actor()
+            self.scale_ups += 1
+            log.info("ranker pool: %d groups waiting, added %s (%d actors)", backlog, name, self.size)
+        busy = {name for name, _ in self._in_flight.values()}
+        for name, actor in list(self.actors.items()):
+            if self._queue and name not in busy:
+                chunk = self._queue.popleft()
+                self._in_flight[actor.rank_groups.remote(chunk)] = (name, chunk)
+
+    def in_flight(self) -> list[Any]:
+        """The object references of the chunks being ranked now (to ``ray.wait`` on)."""
+        return list(self._in_flight)
+
+    def collect(self, ref: Any) -> list[Group]:
+        """The ranked groups of the finished chunk ``ref`` ([] when its actor died: the chunk is
+        queued again on a replacement actor). Dispatches the next chunks."""
+        name, chunk = self._in_flight.pop(ref)
+        try:
+            ranked = ray.get(ref)
+        except RayActorError as exc:
+            log.warning(
+                "ranker actor %s died (%s); replacing it and re-queueing %d groups", name, exc, len(chunk)
+            )
+            self.actors.pop(name, None)
+            self.restarts += 1
+            self._add_actor()
+            self._queue.appendleft(chunk)
+            ranked = []
         for group in ranked:
             self.counts["groups"] += 1
             self.counts["attempts"] += group.rank_attempts
             self.counts[group.rank_status] = self.counts.get(group.rank_status, 0) + 1
+        if not self.pending:
+            self._shrink()
+        self.dispatch()
         return ranked
 
-    def _shrink(self, peak_backlog: int) -> None:
-        needed = max(self.cfg.ranker.min_actors, math.ceil(peak_backlog / self.cfg.ranker.scale_up_backlog))
+    def rank(self, groups: list[Group]) -> list[Group]:
+        """Rank every group and return them in the input order (blocking; group ids must be unique)."""
+        position = {g.group_id: i for i, g in enumerate(groups)}
+        if len(position) != len(groups):
+            raise ValueError("RankerPool.rank needs groups with distinct group_id")
+        self.submit(groups)
+        results: dict[int, Group] = {}
+        while len(results) < len(groups):
+            done, _ = ray.wait(self.in_flight(), num_returns=1)
+            for group in self.collect(done[0]):
+                results[position[group.group_id]] = group
+        return [results[i] for i in range(len(groups))]
+
+    def _shrink(self) -> None:
+        needed = max(
+            self.cfg.ranker.min_actors, math.ceil(self._peak_backlog / self.cfg.ranker.scale_up_backlog)
+        )
+        self._peak_backlog = 0
         while self.size > needed:
             name = sorted(self.actors, key=lambda n: int(n.split("-")[1]))[-1]
             self._remove_actor(name)
