@@ -8,6 +8,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-for script in ("sft_curve.py", "rl_learning.py"):
+for script in ("sft_curve.py", "rl_learning.py", "ranker_scaling.py", "async.py"):
     print(f"== {script}", flush=True)
     subprocess.run([sys.executable, str(HERE / script)], check=True)

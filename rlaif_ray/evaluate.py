@@ -47,8 +47,8 @@ def evaluate(
     for start in range(0, len(scored), batch_size):
         rows, frames = [], []
         for ex in scored[start : start + batch_size]:
-            clip = store.try_get(ex.video)
-            if clip is None:
+            ok, clip = store.for_example(ex.video)
+            if not ok:
                 skipped += 1
                 continue
             rows.append(ex)

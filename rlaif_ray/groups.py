@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 @dataclass
 class Group:
-    """G answers sampled for one video prompt, plus what each stage adds to it."""
+    """G answers sampled for one prompt (about a video, or text-only), plus what each stage adds to it."""
 
     group_id: str
     example_id: str
-    video: str
+    video: str | None
     question: str
     reference: str | None
     completions: list[str]

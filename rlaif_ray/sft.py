@@ -48,19 +48,20 @@ def finished_checkpoint(folder: str | Path) -> dict[str, Any] | None:
 
 def training_batch(
     policy: VideoLMPolicy, store: FrameStore, examples: list[VideoQAExample]
-) -> tuple[torch.Tensor, list[list[int]], list[list[int]]] | None:
-    """Pixels, prompt ids and answer ids of the examples whose video decodes (None if none does)."""
-    pixels, prompts, answers = [], [], []
+) -> tuple[torch.Tensor | None, list[list[int]], list[list[int]]] | None:
+    """Pixels (of the video examples, None if all are text-only), prompt ids and answer ids of the
+    examples whose video decodes or that are text-only (None if there is none)."""
+    frames, prompts, answers = [], [], []
     for ex in examples:
-        frames = store.try_get(ex.video)
-        if frames is None:
+        ok, clip = store.for_example(ex.video)
+        if not ok:
             continue
-        pixels.append(policy.preprocess(frames))
-        prompts.append(policy.prompt_ids(ex.question))
+        frames.append(clip)
+        prompts.append(policy.prompt_ids(ex.question, video=clip is not None))
         answers.append(policy.answer_ids(ex.answer or ""))
-    if not pixels:
+    if not prompts:
         return None
-    return torch.stack(pixels), prompts, answers
+    return policy.pixels(frames), prompts, answers
 
 
 def run_sft(cfg: Config) -> dict[str, Any]:

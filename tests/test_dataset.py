@@ -42,6 +42,8 @@ def test_load_resolves_paths_and_fills_defaults(tmp_path: Path):
             "   ",
             json.dumps({"id": "x", "video": str(elsewhere), "question": "why ?", "answer": None}),
             json.dumps({"video": "../up.mp4", "question": "who ?"}),
+            json.dumps({"question": "what is two plus two ?", "answer": "four"}),
+            json.dumps({"video": None, "question": "and three ?"}),
         ],
     )
 
@@ -51,6 +53,8 @@ def test_load_resolves_paths_and_fills_defaults(tmp_path: Path):
         VideoQAExample("qa-1", str(tmp_path / "data" / "videos" / "a.mp4"), "what is it ?", "cat", "what"),
         VideoQAExample("x", str(elsewhere), "why ?", None, None),
         VideoQAExample("qa-5", str(tmp_path / "up.mp4"), "who ?", None, None),
+        VideoQAExample("qa-6", None, "what is two plus two ?", "four", None),  # text-only
+        VideoQAExample("qa-7", None, "and three ?", None, None),
     ]
 
 
@@ -58,6 +62,7 @@ def test_save_then_load_round_trips_and_writes_relative_paths(tmp_path: Path):
     examples = [
         VideoQAExample("a", str(tmp_path / "videos" / "1.mp4"), "what colour ?", "red", "colour"),
         VideoQAExample("b", str(tmp_path.parent / "outside.mp4"), "über ?", None, None),
+        VideoQAExample("c", None, "text only ?", "yes", None),
     ]
     path = tmp_path / "out.jsonl"
 
@@ -67,17 +72,17 @@ def test_save_then_load_round_trips_and_writes_relative_paths(tmp_path: Path):
     assert records[0]["video"] == "videos/1.mp4"
     assert records[1]["video"] == str(tmp_path.parent / "outside.mp4")
     assert "answer" not in records[1] and "type" not in records[1]
+    assert "video" not in records[2]
     assert load_jsonl(path) == examples
 
 
 BAD_LINES = [
     ("{not json", "invalid JSON"),
     ('["a list"]', "expected a JSON object"),
-    ('{"question": "q ?"}', "missing key 'video'"),
     ('{"video": "a.mp4"}', "missing key 'question'"),
-    ('{"video": "", "question": "q ?"}', "'video' must be a non-empty string"),
+    ('{"video": "", "question": "q ?"}', "'video' must be a non-empty string or null"),
     ('{"video": "a.mp4", "question": "  "}', "'question' must be a non-empty string"),
-    ('{"video": 3, "question": "q ?"}', "'video' must be a non-empty string"),
+    ('{"video": 3, "question": "q ?"}', "'video' must be a non-empty string or null"),
     ('{"video": "a.mp4", "question": "q ?", "id": 7}', "'id' must be a non-empty string"),
     ('{"video": "a.mp4", "question": "q ?", "answer": 1}', "'answer' must be a string or null"),
     ('{"video": "a.mp4", "question": "q ?", "type": ["x"]}', "'type' must be a string or null"),

@@ -98,3 +98,25 @@ def test_loop_with_paper_scale_settings(small_config: Config, overrides: list[st
     assert all(r["learner"]["rows"] > 0 and math.isfinite(r["learner"]["loss"]) for r in records)
     assert summary["weight_version"] == 2 and [s["version"] for s in summary["rollout"]] == [2]
     assert (Path(cfg.run_dir) / "checkpoints" / "final" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def text_only(path: str, out: Path) -> str:
+    """The questions of a split without their videos: a text-only task."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    out.write_text("".join(json.dumps({k: v for k, v in row.items() if k != "video"}) + "\n" for row in rows))
+    return str(out)
+
+
+def test_loop_on_text_only_prompts(small_config: Config, tmp_path: Path) -> None:
+    """Prompts without a video go through sampling, ranking, learning and evaluation."""
+    cfg = small_config
+    cfg.data.train = text_only(cfg.data.train, tmp_path / "text_train.jsonl")
+    cfg.data.test = text_only(cfg.data.test, tmp_path / "text_test.jsonl")
+    cfg.sft.steps, cfg.sft.eval_every, cfg.sft.batch_size = 5, 5, 8
+    cfg.rl.steps, cfg.rl.prompts_per_step, cfg.rl.group_size = 2, 4, 4
+    cfg.rl.eval_every, cfg.rl.eval_examples = 2, 8
+    summary = run(cfg)
+    records = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 2 and summary["eval_examples"] == 8
+    assert all(r["groups"] == 4 and r["learner"]["rows"] > 0 for r in records)
+    assert summary["rollout"][0]["skipped_videos"] == 0 and summary["weight_version"] == 2

@@ -179,6 +179,30 @@ def test_prompt_truncated_past_the_video_token_is_an_error(fresh):
         short.prompt_ids(QUESTIONS[0])
 
 
+def test_text_only_prompts_have_no_video_token_and_mix_with_video_prompts(policy: VideoLMPolicy):
+    """A text-only question (no video) is the template without the placeholder; in a batch that
+    mixes both, each video prompt takes the next video's tokens and text-only rows take none."""
+    text_ids = policy.prompt_ids(QUESTIONS[0], video=False)
+    assert policy.video_token_id not in text_ids and text_ids[0] == policy.tokenizer.bos_token_id
+    assert text_ids[1:] == [i for i in policy.prompt_ids(QUESTIONS[0])[1:] if i != policy.video_token_id]
+    pixels, prompts, answers = batch(policy)
+    mixed = [prompts[0], text_ids, prompts[2]]
+    with torch.no_grad():
+        both, mask, _ = policy.answer_logprobs(pixels[[0, 2]], mixed, answers)
+        text, _, _ = policy.answer_logprobs(None, [text_ids], answers[1:2])
+        video, _, _ = policy.answer_logprobs(
+            pixels[[0, 2]], [prompts[0], prompts[2]], [answers[0], answers[2]]
+        )
+    n = [len(a) for a in answers]
+    torch.testing.assert_close(both[1, : n[1]], text[0, : n[1]], atol=1e-5, rtol=0)
+    torch.testing.assert_close(both[0, : n[0]], video[0, : n[0]], atol=1e-5, rtol=0)
+    torch.testing.assert_close(both[2, : n[2]], video[1, : n[2]], atol=1e-5, rtol=0)
+    samples = policy.sample_frames([None, None], QUESTIONS[:2], 2, 1.0, 1.0, 4)
+    assert len(samples.token_ids) == 4 and all(
+        len(lp) == len(t) for lp, t in zip(samples.logprobs, samples.token_ids, strict=True)
+    )
+
+
 def test_answer_ids_end_with_eos(policy: VideoLMPolicy):
     ids = policy.answer_ids("  red ")
     assert ids[-1] == policy.tokenizer.eos_token_id

@@ -85,6 +85,14 @@ def test_greedy_answers_equal_transformers_and_need_adapter_and_video(engines, c
     assert base.token_ids != served.token_ids
 
 
+def test_text_only_prompts_equal_transformers(engines, colour_examples) -> None:
+    engine, hf, _ = engines
+    frames, questions = inputs(colour_examples[:4], engine.image_size)
+    mixed = [frames[0], None, frames[2], None]  # two text-only questions among video ones
+    served = engine.sample(mixed, questions, 1, greedy=True)
+    assert served.token_ids == hf.sample(mixed, questions, 1, greedy=True).token_ids
+
+
 def test_sampled_logprobs_equal_the_learners(engines, colour_examples, colour_checkpoint: Path) -> None:
     """vLLM's log-probs of sampled tokens are the learner's: the first importance ratio is 1."""
     engine, _, cfg = engines

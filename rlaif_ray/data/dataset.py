@@ -2,8 +2,9 @@
 
 Each line is a JSON object with the keys
 
-- ``video`` (required): a path, relative to the JSONL file's folder or absolute;
 - ``question`` (required): the question text;
+- ``video`` (optional): a path, relative to the JSONL file's folder or absolute; without it (or
+  null) the example is text-only: its prompt has no video placeholder and no visual tokens;
 - ``answer`` (optional): the reference answer, or null;
 - ``id`` (optional): unique in the file; defaults to ``"<file stem>-<line number>"``;
 - ``type`` (optional): the question type (e.g. ``"colour"``), for per-type accuracy.
@@ -26,8 +27,8 @@ from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
 
-_REQUIRED_KEYS = ("video", "question")
-_OPTIONAL_KEYS = ("id", "answer", "type")
+_REQUIRED_KEYS = ("question",)
+_OPTIONAL_KEYS = ("video", "id", "answer", "type")
 
 
 class DatasetError(ValueError):
@@ -36,10 +37,10 @@ class DatasetError(ValueError):
 
 @dataclass
 class VideoQAExample:
-    """One question about one video. ``video`` is an absolute path."""
+    """One question about one video (an absolute path), or a text-only question (``video`` None)."""
 
     id: str
-    video: str
+    video: str | None
     question: str
     answer: str | None = None
     type: str | None = None
@@ -67,16 +68,19 @@ def _parse_line(line: str, folder: Path, default_id: str) -> VideoQAExample:
     for key in _REQUIRED_KEYS:
         if key not in record:
             raise ValueError(f"missing key {key!r}")
-    for key in (*_REQUIRED_KEYS, "id"):
+    for key in ("question", "id"):
         if key in record and (not isinstance(record[key], str) or not record[key].strip()):
             raise ValueError(f"{key!r} must be a non-empty string, got {record[key]!r}")
+    video = record.get("video")
+    if video is not None and (not isinstance(video, str) or not video.strip()):
+        raise ValueError(f"'video' must be a non-empty string or null (text-only), got {video!r}")
     for key in ("answer", "type"):
         if record.get(key) is not None and not isinstance(record[key], str):
             raise ValueError(f"{key!r} must be a string or null, got {record[key]!r}")
     return VideoQAExample(
         id=record.get("id", default_id),
         # normpath, not resolve: keep symlinked dataset folders as the user named them.
-        video=os.path.normpath(folder / record["video"]),
+        video=None if video is None else os.path.normpath(folder / video),
         question=record["question"],
         answer=record.get("answer"),
         type=record.get("type"),
@@ -143,14 +147,13 @@ def save_jsonl(path: str | os.PathLike[str], examples: Iterable[VideoQAExample])
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = []
     for example in examples:
-        video = Path(os.path.abspath(example.video))
-        record: dict[str, str] = {
-            "id": example.id,
-            "video": video.relative_to(path.parent).as_posix()
-            if video.is_relative_to(path.parent)
-            else str(video),
-            "question": example.question,
-        }
+        record: dict[str, str] = {"id": example.id}
+        if example.video is not None:
+            video = Path(os.path.abspath(example.video))
+            record["video"] = (
+                video.relative_to(path.parent).as_posix() if video.is_relative_to(path.parent) else str(video)
+            )
+        record["question"] = example.question
         if example.answer is not None:
             record["answer"] = example.answer
         if example.type is not None:

@@ -51,6 +51,14 @@ class FrameStore:
         except VideoDecodeError:
             return None
 
+    def for_example(self, video: str | None) -> tuple[bool, np.ndarray | None]:
+        """(usable, frames) of an example's video: a text-only example (``video`` None) is usable
+        without frames; a video that does not decode is not usable (and counted)."""
+        if video is None:
+            return True, None
+        frames = self.try_get(video)
+        return frames is not None, frames
+
     @property
     def skipped_videos(self) -> int:
         return len(self.failures)

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 class TrainRow:
     """One sampled answer to learn from."""
 
-    video: str
+    video: str | None
     question: str
     completion_ids: list[int]
     # Per-token log-probs under the version that sampled the answer (the behaviour policy).
@@ -179,7 +179,7 @@ class LearnerWorker:
         start = time.time()
         self.engine.eval()
         rows, stats = build_rows(groups, self.cfg)
-        rows = [r for r in rows if self.store.try_get(r.video) is not None]
+        rows = [r for r in rows if self.store.for_example(r.video)[0]]
         stats["rows"] = float(len(rows))
         if len(rows) < self.world_size:
             stats.update({"skipped_step": 1.0, "learn_s": time.time() - start})
@@ -228,7 +228,7 @@ class LearnerWorker:
     def _prox_logprobs(self, rows: list[TrainRow]) -> torch.Tensor:
         """The learner's log-probs of ``rows`` before this step's update (``pi_prox``)."""
         features = self._visual_features([r.video for r in rows])
-        prompts = [self.policy.prompt_ids(r.question) for r in rows]
+        prompts = [self.policy.prompt_ids(r.question, video=r.video is not None) for r in rows]
         logprobs, _, _ = self.policy.answer_logprobs(
             None,
             prompts,
@@ -247,7 +247,7 @@ class LearnerWorker:
         prox: torch.Tensor | None = None,
     ) -> dict[str, float]:
         features = self._visual_features([r.video for r in rows])
-        prompts = [self.policy.prompt_ids(r.question) for r in rows]
+        prompts = [self.policy.prompt_ids(r.question, video=r.video is not None) for r in rows]
         answers = [r.completion_ids for r in rows]
         algo = self.cfg.algo
         temperature = self.cfg.rollout.temperature
@@ -290,11 +290,15 @@ class LearnerWorker:
         self.engine.backward(loss * scale)
         return stats
 
-    def _visual_features(self, videos: list[str]) -> torch.Tensor:
-        """Frozen encoder features of each row's video, encoding every distinct video once.
+    def _visual_features(self, videos: list[str | None]) -> torch.Tensor | None:
+        """Frozen encoder features of each row's video (rows without one, text-only, take none),
+        encoding every distinct video once; None when no row has a video.
 
         The G answers of a group share one video, and the reference pass reuses these features.
         """
+        videos = [v for v in videos if v is not None]
+        if not videos:
+            return None
         distinct = list(dict.fromkeys(videos))
         pixels = torch.stack([self.policy.preprocess(self.store.get(v)) for v in distinct])
         features = self.policy.visual_features(pixels)

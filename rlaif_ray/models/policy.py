@@ -192,6 +192,12 @@ class VideoInputs(nn.Module):
             )
         return (x - self.image_mean.float()) / self.image_std.float()
 
+    def pixels(self, frames: list[np.ndarray | None]) -> torch.Tensor | None:
+        """Preprocessed pixels [V, T, 3, S, S] of the ``frames`` that are not None (text-only
+        examples have none), in order; None when every example is text-only."""
+        videos = [self.preprocess(f) for f in frames if f is not None]
+        return torch.stack(videos) if videos else None
+
     @torch.no_grad()
     def visual_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Frozen encoder features: pixels [B, T, 3, S, S] -> [B, N, D] visual tokens (before the projector).
@@ -206,16 +212,20 @@ class VideoInputs(nn.Module):
             return spatio_temporal_pool(tokens.view(b, t, *tokens.shape[1:]))
         return pooled.view(b, t, -1)
 
-    def prompt_ids(self, question: str) -> list[int]:
-        """Token ids of the prompt built from the template; holds exactly one video placeholder."""
-        text = self.spec["prompt_template"].format(question=question)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def prompt_ids(self, question: str, video: bool = True) -> list[int]:
+        """Token ids of the prompt built from the template: with exactly one video placeholder, or
+        (``video=False``, a text-only question) with the placeholder taken out of the template."""
+        template = self.spec["prompt_template"]
+        if not video:
+            template = template.replace(self.spec["video_token"], "").strip()
+        ids = self.tokenizer(template.format(question=question), add_special_tokens=False)["input_ids"]
         if self.tokenizer.bos_token_id is not None:
             ids = [self.tokenizer.bos_token_id, *ids]
         ids = ids[-self.cfg.max_prompt_tokens :] if len(ids) > self.cfg.max_prompt_tokens else ids
-        if ids.count(self.video_token_id) != 1:
+        if ids.count(self.video_token_id) != int(video):
             raise ValueError(
-                f"prompt for {question!r} must hold exactly one {self.spec['video_token']!r} token"
+                f"prompt for {question!r} must hold {'exactly one' if video else 'no'} "
+                f"{self.spec['video_token']!r} token"
             )
         return ids
 
@@ -348,9 +358,12 @@ class VideoLMPolicy(VideoInputs):
 
     def encode_video(
         self, pixels: torch.Tensor | None, reference: bool = False, features: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
         """pixels [B, T, 3, S, S] (or their ``features`` [B, N, D] from :meth:`visual_features`)
-        -> projected visual embeddings [B, N, H] in the LM's dtype."""
+        -> projected visual embeddings [B, N, H] in the LM's dtype; None when there are neither
+        (a batch of text-only prompts)."""
+        if pixels is None and features is None:
+            return None
         projector = (
             self.reference_projector
             if (reference and self.reference_projector is not None)
@@ -361,22 +374,31 @@ class VideoLMPolicy(VideoInputs):
         return projector(feats.to(projector.net[0].weight.dtype)).to(dtype)
 
     def _splice(
-        self, visual: torch.Tensor, prompts: list[list[int]], answers: list[list[int]] | None, pad_left: bool
+        self,
+        visual: torch.Tensor | None,
+        prompts: list[list[int]],
+        answers: list[list[int]] | None,
+        pad_left: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Embed prompt (+ answer) ids with the visual tokens at the placeholder; pad to one length.
 
-        Returns inputs_embeds [B, L, H], attention_mask [B, L] and, per row, the index of the first
-        answer position (the prompt's length after splicing, excluding padding).
+        ``visual`` holds one row of visual tokens per prompt *with* a placeholder, in order (text-only
+        prompts take none). Returns inputs_embeds [B, L, H], attention_mask [B, L] and, per row, the
+        index of the first answer position (the prompt's length after splicing, excluding padding).
         """
         embed = self.lm.get_input_embeddings()
-        device = visual.device
+        device = self.device
         rows, prompt_lens = [], []
+        videos = iter(visual if visual is not None else [])
         for i, ids in enumerate(prompts):
-            cut = ids.index(self.video_token_id)
-            pre = embed(torch.tensor(ids[:cut], dtype=torch.long, device=device))
-            post = embed(torch.tensor(ids[cut + 1 :], dtype=torch.long, device=device))
-            parts = [pre, visual[i], post]
-            prompt_lens.append(pre.shape[0] + visual.shape[1] + post.shape[0])
+            if self.video_token_id in ids:
+                cut = ids.index(self.video_token_id)
+                pre = embed(torch.tensor(ids[:cut], dtype=torch.long, device=device))
+                post = embed(torch.tensor(ids[cut + 1 :], dtype=torch.long, device=device))
+                parts = [pre, next(videos), post]
+            else:
+                parts = [embed(torch.tensor(ids, dtype=torch.long, device=device))]
+            prompt_lens.append(sum(part.shape[0] for part in parts))
             if answers is not None:
                 parts.append(embed(torch.tensor(answers[i], dtype=torch.long, device=device)))
             rows.append(torch.cat(parts, dim=0))
@@ -409,6 +431,8 @@ class VideoLMPolicy(VideoInputs):
         are right-padded and ``mask`` marks real answer tokens. With ``reference=True`` the
         reference policy scores them (no gradient). ``features`` (the frozen encoder's output,
         :meth:`visual_features`) replace ``pixels`` when a caller encodes each video only once.
+        ``pixels``/``features`` hold one entry per prompt with a video placeholder, in order
+        (both None for a batch of text-only prompts).
         """
         ctx = self.reference_mode() if reference else contextlib.nullcontext()
         with ctx, torch.no_grad() if reference else contextlib.nullcontext():
@@ -466,7 +490,7 @@ class VideoLMPolicy(VideoInputs):
     @torch.no_grad()
     def sample(
         self,
-        pixels: torch.Tensor,
+        pixels: torch.Tensor | None,
         prompts: list[list[int]],
         group_size: int,
         temperature: float,
@@ -474,9 +498,13 @@ class VideoLMPolicy(VideoInputs):
         max_new_tokens: int,
         greedy: bool = False,
     ) -> Samples:
-        """Sample ``group_size`` answers per prompt; log-probs are under softmax(logits / temperature)."""
+        """Sample ``group_size`` answers per prompt; log-probs are under softmax(logits / temperature).
+
+        ``pixels`` holds the videos of the prompts that have a placeholder, in order (None: none has).
+        """
         visual = self.encode_video(pixels)
-        visual = visual.repeat_interleave(group_size, dim=0)
+        if visual is not None:
+            visual = visual.repeat_interleave(group_size, dim=0)
         prompts = [p for p in prompts for _ in range(group_size)]
         embeds, mask, _ = self._splice(visual, prompts, None, pad_left=True)
         eos = self.tokenizer.eos_token_id
@@ -513,7 +541,7 @@ class VideoLMPolicy(VideoInputs):
 
     def sample_frames(
         self,
-        frames: list[np.ndarray],
+        frames: list[np.ndarray | None],
         questions: list[str],
         group_size: int,
         temperature: float,
@@ -521,9 +549,9 @@ class VideoLMPolicy(VideoInputs):
         max_new_tokens: int,
         greedy: bool = False,
     ) -> Samples:
-        """:meth:`sample` from decoded uint8 frames and question texts."""
-        pixels = torch.stack([self.preprocess(f) for f in frames])
-        prompts = [self.prompt_ids(q) for q in questions]
+        """:meth:`sample` from decoded uint8 frames (None for a text-only question) and question texts."""
+        pixels = self.pixels(frames)
+        prompts = [self.prompt_ids(q, video=f is not None) for f, q in zip(frames, questions, strict=True)]
         return self.sample(pixels, prompts, group_size, temperature, top_p, max_new_tokens, greedy=greedy)
 
 

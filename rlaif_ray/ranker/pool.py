@@ -4,8 +4,10 @@ Each actor (``ranker-0``, ``ranker-1``, ...) wraps a :class:`RankerWorker` and a
 resource ``ranker.resource`` so that the cluster launcher (``cluster/autoscale.yaml``) adds ranker
 nodes when actors are pending and removes them when idle.
 
-Groups stream through it: :meth:`RankerPool.submit` queues them in chunks, :meth:`RankerPool.dispatch`
-hands chunks to idle actors, and the driver waits on :meth:`RankerPool.in_flight` together with its
+Groups stream through it: :meth:`RankerPool.submit` queues them, :meth:`RankerPool.dispatch` hands
+each idle actor a chunk of the queue (enough groups to fill its backend's concurrent requests,
+``ranker.openai_max_concurrency`` for the ``openai`` backend, and a fair share of a long queue),
+and the driver waits on :meth:`RankerPool.in_flight` together with its
 other work and passes each finished reference to :meth:`RankerPool.collect`, which returns that
 chunk's ranked groups. :meth:`RankerPool.rank` does all of that for one list and returns it in order.
 The pool grows by one actor whenever more than ``ranker.scale_up_backlog`` groups per actor wait,
@@ -41,7 +43,7 @@ class RankerPool:
         self.scale_downs = 0
         self.restarts = 0
         self.counts: dict[str, int] = {"groups": 0, "attempts": 0, "ok": 0, "fallback_tie": 0, "dropped": 0}
-        self._queue: deque[list[Group]] = deque()
+        self._queue: deque[Group] = deque()
         self._in_flight: dict[Any, tuple[str, list[Group]]] = {}
         self._peak_backlog = 0
         for _ in range(cfg.ranker.min_actors):
@@ -71,7 +73,7 @@ class RankerPool:
     @property
     def backlog(self) -> int:
         """Groups queued and not yet handed to an actor."""
-        return sum(len(chunk) for chunk in self._queue)
+        return len(self._queue)
 
     @property
     def pending(self) -> int:
@@ -79,12 +81,16 @@ class RankerPool:
         return self.backlog + sum(len(chunk) for _, chunk in self._in_flight.values())
 
     def submit(self, groups: list[Group]) -> None:
-        """Queue ``groups`` for ranking, in chunks small enough to spread over ``max_actors`` actors."""
-        if not groups:
-            return
-        chunk = max(1, math.ceil(len(groups) / (2 * self.cfg.ranker.max_actors)))
-        self._queue.extend(groups[i : i + chunk] for i in range(0, len(groups), chunk))
+        """Queue ``groups`` for ranking and hand them to idle actors."""
+        self._queue.extend(groups)
         self.dispatch()
+
+    def _chunk_size(self) -> int:
+        """Groups per call: what the backend ranks at once, or a share of a long queue spread over
+        ``max_actors`` actors (two calls each), whichever is larger."""
+        rc = self.cfg.ranker
+        concurrent = rc.openai_max_concurrency if rc.backend == "openai" else 1
+        return max(concurrent, math.ceil(len(self._queue) / (2 * rc.max_actors)))
 
     def dispatch(self) -> None:
         """Grow the pool when the backlog is long, then hand queued chunks to idle actors."""
@@ -99,7 +105,8 @@ class RankerPool:
         busy = {name for name, _ in self._in_flight.values()}
         for name, actor in list(self.actors.items()):
             if self._queue and name not in busy:
-                chunk = self._queue.popleft()
+                size = self._chunk_size()
+                chunk = [self._queue.popleft() for _ in range(min(size, len(self._queue)))]
                 self._in_flight[actor.rank_groups.remote(chunk)] = (name, chunk)
 
     def in_flight(self) -> list[Any]:
@@ -119,7 +126,7 @@ class RankerPool:
             self.actors.pop(name, None)
             self.restarts += 1
             self._add_actor()
-            self._queue.appendleft(chunk)
+            self._queue.extendleft(reversed(chunk))
             ranked = []
         for group in ranked:
             self.counts["groups"] += 1

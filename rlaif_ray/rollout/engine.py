@@ -26,9 +26,9 @@ class RolloutEngine(abc.ABC):
 
     @abc.abstractmethod
     def sample(
-        self, frames: list[np.ndarray], questions: list[str], group_size: int, greedy: bool = False
+        self, frames: list[np.ndarray | None], questions: list[str], group_size: int, greedy: bool = False
     ) -> Samples:
-        """``group_size`` answers for each (frames, question), prompt-major."""
+        """``group_size`` answers for each (frames, question), prompt-major; frames None: text-only."""
 
     @abc.abstractmethod
     def load_weights(self, version: int, state: dict[str, torch.Tensor]) -> None:
@@ -55,7 +55,7 @@ class HFEngine(RolloutEngine):
         self.version = 0
 
     def sample(
-        self, frames: list[np.ndarray], questions: list[str], group_size: int, greedy: bool = False
+        self, frames: list[np.ndarray | None], questions: list[str], group_size: int, greedy: bool = False
     ) -> Samples:
         r = self.cfg.rollout
         return self.policy.sample_frames(

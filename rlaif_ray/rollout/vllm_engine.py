@@ -203,16 +203,21 @@ class VLLMEngine(RolloutEngine):
         )
         self.version = version
 
-    def _prompt_embeds(self, ids: list[int], visual: torch.Tensor) -> torch.Tensor:
-        """Text embeddings of ``ids`` [L] with the visual tokens [N, H] in place of the placeholder."""
-        cut = ids.index(self.inputs.video_token_id)
+    def _prompt_embeds(self, ids: list[int], visual: torch.Tensor | None) -> torch.Tensor:
+        """Text embeddings of ``ids`` [L] with the visual tokens [N, H] in place of the placeholder
+        (``visual`` None: a text-only prompt, no placeholder)."""
         ids_t = torch.tensor(ids, device=self.device)
+        if visual is None:
+            return self.embed[ids_t]
+        cut = ids.index(self.inputs.video_token_id)
         return torch.cat([self.embed[ids_t[:cut]], visual, self.embed[ids_t[cut + 1 :]]])
 
     @torch.no_grad()
     def _visual_tokens(self, frames: list[np.ndarray]) -> list[torch.Tensor]:
         """Projected visual tokens [N, H] per video, the encoder fed at most ENCODER_FRAMES_PER_CALL frames at a time."""
         out: list[torch.Tensor] = []
+        if not frames:
+            return out
         per_call = max(1, ENCODER_FRAMES_PER_CALL // max(len(f) for f in frames))
         for start in range(0, len(frames), per_call):
             batch = frames[start : start + per_call]
@@ -224,13 +229,17 @@ class VLLMEngine(RolloutEngine):
 
     @torch.no_grad()
     def sample(
-        self, frames: list[np.ndarray], questions: list[str], group_size: int, greedy: bool = False
+        self, frames: list[np.ndarray | None], questions: list[str], group_size: int, greedy: bool = False
     ) -> Samples:
-        visual = self._visual_tokens(frames)
+        visual = iter(self._visual_tokens([f for f in frames if f is not None]))
         # CPU tensors, as in vLLM's prompt-embeds examples: requests travel to its engine-core process.
         prompts = [
-            {"prompt_embeds": self._prompt_embeds(self.inputs.prompt_ids(q), visual[i]).cpu()}
-            for i, q in enumerate(questions)
+            {
+                "prompt_embeds": self._prompt_embeds(
+                    self.inputs.prompt_ids(q, video=f is not None), None if f is None else next(visual)
+                ).cpu()
+            }
+            for f, q in zip(frames, questions, strict=True)
         ]
         # Greedy answers are all the same: sample one and repeat it.
         params = SamplingParams(

@@ -34,10 +34,10 @@ class RolloutWorker:
         self.groups_sampled = 0
 
     def rollout(self, examples: list[VideoQAExample], step: int) -> list[Group]:
-        """One group of ``rl.group_size`` answers per example whose video decodes."""
+        """One group of ``rl.group_size`` answers per example whose video decodes (or that is text-only)."""
         start = time.time()
-        usable = [(ex, self.store.try_get(ex.video)) for ex in examples]
-        usable = [(ex, frames) for ex, frames in usable if frames is not None]
+        loaded = [(ex, self.store.for_example(ex.video)) for ex in examples]
+        usable = [(ex, frames) for ex, (ok, frames) in loaded if ok]
         if not usable:
             return []
         g = self.cfg.rl.group_size
@@ -74,7 +74,7 @@ class RolloutWorker:
 
     def greedy_answers(self, examples: list[VideoQAExample]) -> list[list[int]]:
         """Token ids of the served version's greedy answer to each example (its video must decode)."""
-        frames = [self.store.get(ex.video) for ex in examples]
+        frames = [None if ex.video is None else self.store.get(ex.video) for ex in examples]
         return self.engine.sample(frames, [ex.question for ex in examples], 1, greedy=True).token_ids
 
     def evaluate(self, examples: list[VideoQAExample]) -> dict[str, Any]:
