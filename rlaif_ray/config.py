@@ -210,6 +210,10 @@ class Config:
 
     seed: int = 0
     run_dir: str | None = None
+    # What the job log shows (rlaif_ray/logs.py): "quiet" = our progress lines, evaluations, pool
+    # events, warnings and errors, the libraries only from WARNING (transformers from ERROR, no
+    # progress bars); "info" turns the libraries' INFO lines back on; "debug" shows everything.
+    log_level: Literal["quiet", "info", "debug"] = "quiet"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)

@@ -7,7 +7,9 @@ As a plain command it starts a local Ray; under ``ray job submit`` (``RAY_ADDRES
 joins that cluster. Per step: the rollout actors sample a group per prompt, the ranker pool
 orders each group, every learner rank takes one GRPO_rank step, and learner 0's new LoRA +
 projector weights go through the object store to every rollout actor before it samples again.
-The run folder holds ``config.yaml``, ``metrics.jsonl``, ``summary.json`` and ``checkpoints/``.
+The run folder holds ``config.yaml``, ``metrics.jsonl``, ``summary.json``, ``checkpoints/``,
+TensorBoard event files (every number of every metrics record, written as the run goes) and, at
+the end, ``curves.png`` (``rlaif_ray.plot``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from rlaif_ray.config import Config, load_config
 from rlaif_ray.data.dataset import load_jsonl
 from rlaif_ray.groups import Group
 from rlaif_ray.learner.worker import LearnerWorker, shard
+from rlaif_ray.logs import ScalarWriter, setup_logging
+from rlaif_ray.plot import plot_runs
 from rlaif_ray.prepare import ensure_data, ensure_model
 from rlaif_ray.ranker.pool import RankerPool
 from rlaif_ray.rollout.worker import RolloutWorker
@@ -299,8 +303,10 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         start = time.time()
+        scalars = ScalarWriter(self.run_dir)  # TensorBoard: tensorboard --logdir runs/
         before = self.evaluate()
         print(f"[rl] held-out accuracy before RL: {before['accuracy']:.3f} (n={before['n']})", flush=True)
+        scalars.write(0, {"eval": before})
         evals = [{"step": 0, **before}]
         rl_start = time.time()
         eval_s = 0.0  # evaluation time does not count against rl.time_limit_s
@@ -322,7 +328,17 @@ class Trainer:
                     record["checkpoint"] = self.save(f"step_{step}")
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
-                print(progress_line(record, cfg.rl.steps), flush=True)
+                scalars.write(step, record)
+                eta_s = (time.time() - rl_start) / step * (cfg.rl.steps - step)
+                if cfg.rl.time_limit_s:
+                    eta_s = min(eta_s, max(0.0, cfg.rl.time_limit_s - (time.time() - rl_start - eval_s)))
+                print(progress_line(record, cfg.rl.steps, eta_s), flush=True)
+                if "eval" in record:
+                    print(
+                        f"[rl] held-out accuracy at step {step}: {record['eval']['accuracy']:.3f} "
+                        f"(n={record['eval']['n']})",
+                        flush=True,
+                    )
                 if out_of_time:
                     print(
                         f"[rl] rl.time_limit_s={cfg.rl.time_limit_s:g} reached after {step} steps", flush=True
@@ -332,6 +348,9 @@ class Trainer:
         ray.get(self.syncs)
         after = self.evaluate() if steps_done else before
         evals.append({"step": steps_done, **after})
+        if steps_done:
+            scalars.write(steps_done, {"eval": after})
+        scalars.close()
         final = self.save("final")
         summary = {
             "accuracy_before": before["accuracy"],
@@ -351,6 +370,10 @@ class Trainer:
             "checkpoint": final,
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        try:
+            plot_runs([self.run_dir], self.run_dir / "curves.png")
+        except Exception as exc:  # the run's results are on disk already: a figure is not worth more
+            log.warning("could not draw %s: %r", self.run_dir / "curves.png", exc)
         print(
             f"[rl] held-out accuracy after RL: {after['accuracy']:.3f} "
             f"({after['accuracy'] - before['accuracy']:+.3f}); run folder {self.run_dir}",
@@ -359,23 +382,47 @@ class Trainer:
         return summary
 
 
-def progress_line(record: dict[str, Any], steps: int) -> str:
+def progress_line(record: dict[str, Any], steps: int, eta_s: float | None = None) -> str:
+    """The job log's line for one RL step, e.g.
+
+    ``[rl] step 3/60 | 21.4 samples/s | sampled_acc 0.412 | loss 0.0123 kl 0.0031 clip 0.000 |
+    v3 lag<=0 | 14.9s (wait 8.1 learn 6.6 sync 0.2) | ETA 14m13s``
+
+    step/total; answers learned per second of this step; the oracle's accuracy on the answers
+    sampled (n/a without references); the learner's loss, KL to the reference policy and clipped
+    fraction; the weight version now served and the largest lag (versions) of the groups learned;
+    the step's wall time and its stages; the time left at the mean step time so far.
+    """
     lrn, t = record["learner"], record["time"]
     acc = record["sampled_accuracy"]
     lags = record["group_lags"]
+    rate = record["samples"] / t["step_s"] if t["step_s"] > 0 else 0.0
+    learner = [
+        f"{name} {lrn[key]:.{digits}f}"
+        for key, name, digits in (("loss", "loss", 4), ("kl", "kl", 4), ("clip_frac", "clip", 3))
+        if key in lrn
+    ]
     parts = [
         f"[rl] step {record['step']}/{steps}",
-        f"v{record['weight_version']}",
-        f"lag<={max(lags)}" if lags else "lag=n/a",
-        f"sampled_acc={acc:.3f}" if acc is not None else "sampled_acc=n/a",
+        f"{rate:.1f} samples/s",
+        f"sampled_acc {acc:.3f}" if acc is not None else "sampled_acc n/a",
+        " ".join(learner) or "no update",
+        f"v{record['weight_version']} " + (f"lag<={max(lags)}" if lags else "lag n/a"),
+        f"{t['step_s']:.1f}s (wait {t['wait_s']:.1f} learn {t['learn_s']:.1f} sync {t['sync_s']:.1f})",
     ]
-    for key in ("loss", "kl", "clip_frac"):
-        if key in lrn:
-            parts.append(f"{key}={lrn[key]:.4f}")
-    if "eval" in record:
-        parts.append(f"heldout_acc={record['eval']['accuracy']:.3f}")
-    parts.append(f"(wait {t['wait_s']:.1f}s learn {t['learn_s']:.1f}s sync {t['sync_s']:.1f}s)")
-    return " ".join(parts)
+    if eta_s is not None:
+        parts.append(f"ETA {duration(eta_s)}")
+    return " | ".join(parts)
+
+
+def duration(seconds: float) -> str:
+    """``42s``, ``6m05s``, ``2h03m``."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def with_absolute_paths(cfg: Config) -> Config:
@@ -426,8 +473,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default="configs/default.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. rl.steps=10")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    run(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
+    setup_logging(cfg.log_level)
+    run(cfg)
 
 
 if __name__ == "__main__":

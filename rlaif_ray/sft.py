@@ -24,6 +24,7 @@ from rlaif_ray.data.dataset import VideoQAExample, load_jsonl
 from rlaif_ray.data.frames import FrameStore
 from rlaif_ray.evaluate import evaluate, greedy_answer_fn
 from rlaif_ray.learner.engine import build_engine, gathered_trainable, init_distributed
+from rlaif_ray.logs import setup_logging
 from rlaif_ray.models.policy import VideoLMPolicy
 from rlaif_ray.prepare import ensure_data, ensure_model
 
@@ -66,6 +67,7 @@ def training_batch(
 
 def run_sft(cfg: Config) -> dict[str, Any]:
     """Train, evaluate on the val split, save; returns the final state written to ``sft_state.json``."""
+    setup_logging(cfg.log_level)
     ensure_data(cfg)
     model_dir = ensure_model(cfg)
     out = Path(cfg.sft.output_dir)

@@ -101,7 +101,8 @@ def test_ray_job_submit_succeeds(head_node, small_config: Config, tmp_path: Path
     status = subprocess.run(
         [sys.executable, "-c", query], env=env, capture_output=True, text=True, timeout=120
     )
-    assert status.stdout.strip().splitlines()[-1] == "SUCCEEDED", (
+    lines = status.stdout.strip().splitlines()
+    assert lines and lines[-1] == "SUCCEEDED", (
         submit.stdout[-3000:] + submit.stderr[-3000:] + status.stderr[-2000:]
     )
     summary = json.loads((run_dir / "summary.json").read_text())

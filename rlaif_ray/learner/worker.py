@@ -30,6 +30,7 @@ from rlaif_ray.learner.engine import (
     init_distributed,
     set_micro_batches,
 )
+from rlaif_ray.logs import setup_logging
 from rlaif_ray.models.policy import ADAPTER_DIR, VideoLMPolicy
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ class LearnerWorker:
     """One rank of the DeepSpeed learner: holds the policy, trains it, exports its weights."""
 
     def __init__(self, cfg: Config, model_dir: str, rank: int = 0, world_size: int = 1) -> None:
+        setup_logging(cfg.log_level)
         self.cfg = cfg
         self.model_dir = model_dir
         self.rank = rank

@@ -21,6 +21,7 @@ from typing import Any
 from rlaif_ray.algo.advantages import ranks_from_orderings
 from rlaif_ray.config import RankerConfig
 from rlaif_ray.groups import Group
+from rlaif_ray.logs import setup_logging
 from rlaif_ray.ranker.backends import RankerBackend, RankRequest, make_backend
 from rlaif_ray.ranker.prompting import InvalidOrdering, Ordering
 
@@ -31,6 +32,7 @@ class RankerWorker:
     """Ranks groups of ``group_size`` answers with ``backend`` (default: ``make_backend(cfg)``)."""
 
     def __init__(self, cfg: RankerConfig, group_size: int, backend: RankerBackend | None = None) -> None:
+        setup_logging()  # the level the driver exported (RankerConfig does not carry it)
         if cfg.fallback not in ("tie", "drop"):
             raise ValueError(f"ranker.fallback must be 'tie' or 'drop', got {cfg.fallback!r}")
         self.cfg = cfg

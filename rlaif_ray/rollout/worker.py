@@ -17,6 +17,7 @@ from rlaif_ray.data.dataset import VideoQAExample
 from rlaif_ray.data.frames import FrameStore
 from rlaif_ray.evaluate import evaluate
 from rlaif_ray.groups import Group
+from rlaif_ray.logs import setup_logging
 from rlaif_ray.rollout.engine import make_engine
 
 
@@ -24,6 +25,7 @@ class RolloutWorker:
     """Holds a rollout engine (``hf`` or ``vllm``) and the decoded-frame store."""
 
     def __init__(self, cfg: Config, model_dir: str, rank: int = 0) -> None:
+        setup_logging(cfg.log_level)
         self.cfg = cfg
         self.rank = rank
         if cfg.rollout.num_threads:
