@@ -75,6 +75,13 @@ def arm_config(args: argparse.Namespace, ranker: str, staleness: int, seed: int,
         f"run_dir=runs/bench_{args.name}/{ranker}-k{staleness}-seed{seed}",
         f"ranker.backend={ranker}",
     ]
+    if staleness > 0 and args.async_threads:
+        # Rollout and learning run at the same time here: one machine's cores are shared, not
+        # taken in turn as the synchronous arm (the config's thread counts) takes them.
+        overrides += [
+            f"rollout.num_threads={args.async_threads}",
+            f"learner.num_threads={args.async_threads}",
+        ]
     if ranker == "openai":
         overrides += [
             f"ranker.openai_base_url={judge_url}",
@@ -245,6 +252,12 @@ def main() -> None:
         "--judge-seeds", type=int, nargs="+", help="seeds of the openai arms (default: the first seed)"
     )
     parser.add_argument("--eval-examples", type=int, default=160, help="rl.eval_examples (0: all)")
+    parser.add_argument(
+        "--async-threads",
+        type=int,
+        default=1,
+        help="rollout/learner torch threads of the arms with max_staleness > 0 (0: the config's)",
+    )
     parser.add_argument("--delay-s", type=float, default=0.2, help="the judge's delay per group")
     parser.add_argument("--judge-max-inflight", type=int, default=32)
     parser.add_argument(
