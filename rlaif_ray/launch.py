@@ -211,8 +211,13 @@ class Trainer:
         size = self.cfg.rl.prompts_per_step
         if len(self.ready) < size:
             return None
+        # Oldest version first (a group ranked late must not fall behind newer ones and out of
+        # the bound), then in sampling order, so that a run does not depend on ranking times.
+        self.ready.sort(key=lambda g: (g.weight_version, self.order[g.group_id]))
         batch, self.ready = self.ready[:size], self.ready[size:]
-        return sorted(batch, key=lambda g: self.order.pop(g.group_id))
+        for group in batch:
+            del self.order[group.group_id]
+        return batch
 
     def sync_weights(self) -> None:
         """Learner 0's weights -> object store (one copy) -> every rollout actor, ahead of its next
