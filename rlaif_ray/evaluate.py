@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,18 +38,20 @@ def evaluate(
     """Answer every example that has a reference; accuracy overall and per question type.
 
     An answer is correct when its normalised text equals the normalised reference (the
-    ground-truth oracle's rule). Examples whose video does not decode are skipped and counted.
+    ground-truth oracle's rule). Examples whose video cannot be used are skipped and counted:
+    ``skipped_videos`` (examples) and ``skipped_videos_by_reason`` (examples per
+    ``VideoDecodeError.reason``); the store warns once per video.
     """
     correct: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)
-    skipped = 0
+    skipped: Counter[str] = Counter()
     scored = [ex for ex in examples if ex.answer is not None]
     for start in range(0, len(scored), batch_size):
         rows, frames = [], []
         for ex in scored[start : start + batch_size]:
             ok, clip = store.for_example(ex.video)
             if not ok:
-                skipped += 1
+                skipped[store.reason(ex.video) or "unknown"] += 1
                 continue
             rows.append(ex)
             frames.append(clip)
@@ -66,7 +68,8 @@ def evaluate(
         "accuracy": correct["all"] / n if n else 0.0,
         "n": n,
         "per_type": {k: correct[k] / total[k] for k in sorted(total) if k != "all"},
-        "skipped_videos": skipped,
+        "skipped_videos": sum(skipped.values()),
+        "skipped_videos_by_reason": dict(sorted(skipped.items())),
     }
 
 
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             setattr(cfg.model, key, value)
     policy = VideoLMPolicy.from_folder(args.checkpoint, cfg.model)
     policy.eval()
-    store = FrameStore(cfg.model.num_frames, policy.image_size)
+    store = FrameStore(cfg.model.num_frames, policy.image_size, max_pixels=cfg.data.max_video_pixels)
     examples = load_jsonl(args.data, on_error="skip")
     result = evaluate(greedy_answer_fn(policy, cfg.rollout.max_new_tokens), examples, store, args.batch_size)
     result.update({"checkpoint": str(args.checkpoint), "data": str(args.data)})

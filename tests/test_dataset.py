@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
 
+from rlaif_ray.config import Config, DataConfig, load_config
 from rlaif_ray.data.convert import (
     VideoIndex,
     convert_activitynet_qa,
@@ -18,6 +20,7 @@ from rlaif_ray.data.convert import (
 from rlaif_ray.data.dataset import (
     DatasetError,
     VideoQAExample,
+    check_data,
     load_jsonl,
     read_jsonl,
     save_jsonl,
@@ -87,6 +90,7 @@ BAD_LINES = [
     ('{"video": "a.mp4", "question": "q ?", "answer": 1}', "'answer' must be a string or null"),
     ('{"video": "a.mp4", "question": "q ?", "type": ["x"]}', "'type' must be a string or null"),
     ('{"video": "a.mp4", "question": "q ?", "label": "x"}', "unknown keys ['label']"),
+    ('{"video": "a.mp4", "question": "q ?", "question": "r ?"}', "repeated keys ['question'] in one object"),
 ]
 
 
@@ -137,10 +141,87 @@ def test_skip_drops_and_counts_bad_lines(tmp_path: Path, caplog: pytest.LogCaptu
     assert "skipped 2 bad lines, kept 2 examples" in caplog.text
 
 
+def test_line_that_is_not_utf8_is_one_bad_line(tmp_path: Path):
+    good = json.dumps({"video": "a.mp4", "question": "q ?"}).encode()
+    latin1 = json.dumps({"video": "a.mp4", "question": "caf\u00e9 ?"}, ensure_ascii=False).encode("latin-1")
+    path = tmp_path / "qa.jsonl"
+    path.write_bytes(b"\n".join([good, latin1, good.replace(b"q ?", b"r ?")]) + b"\n")
+
+    report = read_jsonl(path)
+
+    assert [e.question for e in report.examples] == ["q ?", "r ?"]
+    assert [str(e) for e in report.errors] == [
+        f"{path}:2: not UTF-8 text (byte 0xe9 at byte offset 35: invalid continuation byte)"
+    ]
+
+
+def test_leading_byte_order_mark_is_allowed(tmp_path: Path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"question": "q ?"}) + "\n", encoding="utf-8-sig")
+
+    assert [e.question for e in load_jsonl(path)] == ["q ?"]
+
+
 def test_load_rejects_unknown_policy(tmp_path: Path):
     path = write_lines(tmp_path / "qa.jsonl", [])
     with pytest.raises(ValueError, match="on_error"):
         load_jsonl(path, on_error="ignore")  # type: ignore[arg-type]
+
+
+def data_config(tmp_path: Path, on_bad_line: str, bad: dict[str, list[str]]) -> Config:
+    """A config whose train/val/test files each hold two good lines and the ``bad`` lines of that split."""
+    overrides = ["data.synthetic_dir=null", f"data.on_bad_line={on_bad_line}"]
+    for split in ("train", "val", "test"):
+        good = [json.dumps({"video": "a.mp4", "question": f"{split} {i} ?"}) for i in range(2)]
+        path = write_lines(tmp_path / f"{split}.jsonl", [good[0], *bad.get(split, []), good[1]])
+        overrides.append(f"data.{split}={path}")
+    return load_config(None, overrides)
+
+
+def test_check_data_counts_bad_lines_per_file_and_warns_with_file_and_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    cfg = data_config(tmp_path, "skip", {"train": ["{oops", '{"question": 3}'], "test": ['{"q": "x"}']})
+
+    with caplog.at_level(logging.WARNING, logger="rlaif_ray.data.dataset"):
+        counts = check_data(cfg)
+
+    assert counts == {
+        "train": {"path": cfg.data.train, "examples": 2, "bad_lines": 2},
+        "val": {"path": cfg.data.val, "examples": 2, "bad_lines": 0},
+        "test": {"path": cfg.data.test, "examples": 2, "bad_lines": 1},
+    }
+    assert f"{cfg.data.train}:2: invalid JSON" in caplog.text
+    assert f"{cfg.data.train}:3: 'question' must be a non-empty string" in caplog.text
+    assert f"{cfg.data.test}:2: unknown keys ['q']" in caplog.text
+
+
+def test_check_data_stops_at_the_first_bad_line_under_raise(tmp_path: Path):
+    cfg = data_config(tmp_path, "raise", {"val": ['{"question": "q ?", "answer": 4}']})
+
+    with pytest.raises(DatasetError, match=re.escape(f"{cfg.data.val}:2: 'answer' must be a string or null")):
+        check_data(cfg)
+
+
+def test_check_data_names_a_missing_file_and_a_train_split_without_examples(tmp_path: Path):
+    cfg = data_config(tmp_path, "skip", {})
+    cfg.data.test = str(tmp_path / "nowhere.jsonl")
+    with pytest.raises(
+        DatasetError, match=re.escape(f"data.test = {cfg.data.test}: cannot read it (No such file")
+    ):
+        check_data(cfg)
+
+    cfg = data_config(tmp_path, "skip", {})
+    write_lines(Path(cfg.data.train), ["{oops", "[]"])
+    with pytest.raises(
+        DatasetError, match=re.escape(f"data.train = {cfg.data.train}: no usable example (2 bad")
+    ):
+        check_data(cfg)
+
+
+def test_readme_states_the_default_on_bad_line():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert f"by default (`data.on_bad_line={DataConfig().on_bad_line}`)" in " ".join(readme.split())
 
 
 # --- converters --------------------------------------------------------------------------

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from pathlib import Path
 
+import pytest
 import ray
 import torch
+from test_video import BAD_VIDEOS, make_bad_video
 
 from rlaif_ray.config import Config
 from rlaif_ray.data.dataset import VideoQAExample, load_jsonl
+from rlaif_ray.data.frames import BadVideoFractionError
 from rlaif_ray.rollout.worker import RolloutWorker
 
 
@@ -68,3 +73,59 @@ def test_num_threads_overrides_rays_one_thread_per_cpu(small_config: Config) -> 
         assert ray.get(actor.stats.remote())["torch_threads"] == 2
     finally:
         ray.shutdown()
+
+
+def test_rollout_and_evaluation_skip_and_count_every_kind_of_bad_video(
+    small_config: Config, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = small_config
+    cfg.rl.group_size = 2
+    cfg.data.max_bad_video_fraction = 1.0  # counting here, stopping in the next test
+    worker = RolloutWorker(cfg, cfg.model.path)
+    good = load_jsonl(cfg.data.train)[:2]
+    bad = [
+        VideoQAExample(
+            id=f"bad-{kind}", video=str(make_bad_video(tmp_path, kind)), question="q ?", answer="red"
+        )
+        for kind in BAD_VIDEOS
+    ]
+    with caplog.at_level(logging.WARNING, logger="rlaif_ray.data.frames"):
+        for step in (1, 2):
+            groups = worker.rollout([good[0], *bad, good[1]], step=step)
+            assert [g.example_id for g in groups] == [ex.id for ex in good]
+        result = worker.evaluate([*bad, *good])
+
+    by_reason = dict(Counter(BAD_VIDEOS.values()))
+    stats = worker.stats()
+    assert stats["skipped_videos"] == len(bad) and stats["prompts_bad_video"] == 2 * len(bad)
+    assert stats["skipped_videos_by_reason"] == by_reason
+    assert result["n"] == len(good) and result["skipped_videos"] == len(bad)
+    assert result["skipped_videos_by_reason"] == by_reason
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == len(bad), "one warning per video, not per use"
+    for ex in bad:
+        assert sum(str(ex.video) in w for w in warnings) == 1
+
+
+def test_rollout_stops_when_more_than_the_limit_of_a_batch_is_bad(
+    small_config: Config, tmp_path: Path
+) -> None:
+    """The fraction is judged over the actor's share of one step (here 4 prompts), not per call:
+    the driver tops its pipeline up a few prompts at a time."""
+    cfg = small_config
+    cfg.rl.group_size, cfg.rl.prompts_per_step, cfg.data.max_bad_video_fraction = 2, 4, 0.5
+    worker = RolloutWorker(cfg, cfg.model.path)
+    good = load_jsonl(cfg.data.train)[:2]
+    gone = [VideoQAExample(f"gone-{i}", str(tmp_path / f"gone_{i}.mp4"), "q ?") for i in range(3)]
+    text = VideoQAExample("text", str(make_bad_video(tmp_path, "text")), "q ?")
+
+    assert worker.rollout([gone[0]], step=1) == []  # 1 prompt: not a batch yet
+    assert len(worker.rollout([good[0], good[1], gone[1]], step=2)) == 2  # last 4: 2 bad, at the limit
+    assert worker.rollout([text], step=3) == []  # last 4: good, good, gone-1, text: still 2 bad
+    with pytest.raises(BadVideoFractionError) as info:
+        worker.rollout([gone[2]], step=4)  # last 4: good, gone-1, text, gone-2: 3 bad
+
+    message = str(info.value)
+    assert "3 of the last 4 prompts (75%)" in message and "data.max_bad_video_fraction = 0.5" in message
+    assert f"{gone[1].video} (missing)" in message and f"{text.video} (unreadable)" in message
+    assert worker.stats()["prompts_bad_video"] == 4

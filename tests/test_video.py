@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import pickle
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 
-from rlaif_ray.data.video import VideoDecodeError, load_frames, sample_indices, write_video
+from rlaif_ray.config import DataConfig
+from rlaif_ray.data.frames import FrameStore
+from rlaif_ray.data.video import VideoDecodeError, load_frames, probe_size, sample_indices, write_video
 
 # Frame t is flat grey at level 10 + 20 t: the decoded level tells which frame was sampled.
 LEVEL_STEP = 20
@@ -139,33 +143,130 @@ def test_rejects_non_positive_num_frames(tmp_path: Path):
         load_frames(path, 0)
 
 
-def _valid_mp4_bytes(tmp_path: Path) -> bytes:
-    # Noise compresses badly, so the file is large and its index (moov, written last) is far
-    # from the start.
-    frames = np.random.default_rng(1).integers(0, 256, size=(20, 64, 64, 3), dtype=np.uint8)
-    write_video(tmp_path / "valid.mp4", frames)
-    return (tmp_path / "valid.mp4").read_bytes()
+# Every kind of unusable video file, and the reason load_frames gives for it.
+BAD_VIDEOS = {
+    "missing": "missing",
+    "directory": "not_a_file",
+    "empty": "empty",
+    "truncated": "unreadable",  # cut before its index (mp4 writes it last)
+    "garbage": "unreadable",
+    "text": "unreadable",  # a text file named .mp4
+    "audio_only": "no_video_stream",
+    "zero_frames": "no_frames",
+    "truncated_frames": "decode_failed",  # index first (faststart), cut inside the frame data
+    "huge": "too_large",  # 4000 x 3000, above the default data.max_video_pixels
+}
 
 
-@pytest.mark.parametrize("kind", ["missing", "empty", "truncated", "garbage", "text", "directory"])
-def test_bad_files_raise_video_decode_error_naming_the_file(tmp_path: Path, kind: str):
-    path = tmp_path / f"bad_{kind}.mp4"
-    if kind == "empty":
+def _noise(num_frames: int) -> np.ndarray:
+    # Noise compresses badly: the file is large, its index (moov) far from the start.
+    return np.random.default_rng(1).integers(0, 256, size=(num_frames, 64, 64, 3), dtype=np.uint8)
+
+
+def _write_with_av(path: Path, codec: str, frames: np.ndarray, options: dict[str, str] | None = None) -> None:
+    """Write frames (possibly none, which write_video refuses) with container options."""
+    with av.open(str(path), mode="w", options=options or {}) as container:
+        stream = container.add_stream(codec, rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        container.start_encoding()
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def _write_audio_only(path: Path) -> None:
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(
+            np.zeros((1, 1024), dtype=np.float32), format="fltp", layout="mono"
+        )
+        frame.sample_rate = 16000
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+def make_bad_video(folder: Path, kind: str) -> Path:
+    """A real file of one of the BAD_VIDEOS kinds, at ``folder / bad_<kind>.<ext>``."""
+    path = folder / f"bad_{kind}.{'avi' if kind == 'zero_frames' else 'mp4'}"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "empty":
         path.write_bytes(b"")
     elif kind == "truncated":
-        data = _valid_mp4_bytes(tmp_path)
+        write_video(folder / "whole.mp4", _noise(20))
+        data = (folder / "whole.mp4").read_bytes()
         path.write_bytes(data[: len(data) // 2])
     elif kind == "garbage":
         path.write_bytes(np.random.default_rng(2).integers(0, 256, size=20_000, dtype=np.uint8).tobytes())
     elif kind == "text":
         path.write_text("this is not a video\n" * 50)
-    elif kind == "directory":
-        path.mkdir()
+    elif kind == "audio_only":
+        _write_audio_only(path)
+    elif kind == "zero_frames":
+        _write_with_av(path, "mpeg4", _noise(0))
+    elif kind == "truncated_frames":
+        _write_with_av(folder / "faststart.mp4", "libx264", _noise(20), {"movflags": "faststart"})
+        data = (folder / "faststart.mp4").read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "huge":
+        frames = np.zeros((2, 3000, 4000, 3), dtype=np.uint8)
+        frames[1] = 200
+        write_video(path, frames)
+    elif kind != "missing":
+        raise ValueError(f"unknown bad video kind {kind!r}")
+    return path
+
+
+@pytest.mark.parametrize("kind", list(BAD_VIDEOS))
+def test_bad_files_raise_video_decode_error_naming_the_file_and_reason(tmp_path: Path, kind: str):
+    path = make_bad_video(tmp_path, kind)
 
     with pytest.raises(VideoDecodeError) as info:
-        load_frames(path, 4)
+        load_frames(path, 4, size=32, max_pixels=DataConfig.max_video_pixels)
 
     assert str(path) in str(info.value)
+    assert info.value.reason == BAD_VIDEOS[kind], str(info.value)
+    # The reason survives pickling (errors cross processes under Ray).
+    assert pickle.loads(pickle.dumps(info.value)).reason == BAD_VIDEOS[kind]
+
+
+def test_huge_video_is_refused_before_decoding_and_decodes_without_the_limit(tmp_path: Path):
+    path = make_bad_video(tmp_path, "huge")
+    assert probe_size(path) == (3000, 4000)
+    with pytest.raises(
+        VideoDecodeError, match=r"4000x3000 frames \(12000000 pixels\).*refused before decoding"
+    ):
+        load_frames(path, 2, size=16, max_pixels=4000 * 3000 - 1)
+    # The file itself is fine: at the limit it decodes.
+    assert load_frames(path, 2, size=16, max_pixels=4000 * 3000).shape == (2, 16, 16, 3)
+
+
+def test_frame_store_warns_once_per_video_and_counts_by_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    good = tmp_path / "good.mp4"
+    write_video(good, level_frames(4, 32, 32))
+    bad = {
+        kind: str(make_bad_video(tmp_path, kind)) for kind in ("missing", "text", "garbage", "zero_frames")
+    }
+    store = FrameStore(4, 16)
+
+    with caplog.at_level(logging.WARNING, logger="rlaif_ray.data.frames"):
+        for _ in range(3):  # every video met three times
+            assert store.for_example(str(good))[0] and store.for_example(None) == (True, None)
+            for path in bad.values():
+                assert store.for_example(path) == (False, None)
+            with pytest.raises(VideoDecodeError) as info:
+                store.get(bad["text"])
+            assert info.value.reason == "unreadable"
+
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == len(bad), warnings  # once per video, not once per use
+    for kind, path in bad.items():
+        assert sum(path in w and f"({BAD_VIDEOS[kind]})" in w for w in warnings) == 1
+    assert store.skipped_videos == 4
+    assert store.skipped_by_reason == {"missing": 1, "no_frames": 1, "unreadable": 2}
+    assert store.reason(bad["missing"]) == "missing" and store.reason(str(good)) is None
 
 
 @pytest.mark.parametrize(

@@ -9,10 +9,13 @@ Each line is a JSON object with the keys
 - ``id`` (optional): unique in the file; defaults to ``"<file stem>-<line number>"``;
 - ``type`` (optional): the question type (e.g. ``"colour"``), for per-type accuracy.
 
-Blank lines are ignored. Any other key, a wrong type, an empty ``video`` or ``question`` or a
-repeated ``id`` makes the line bad. :func:`read_jsonl` returns the good examples together with
-one :class:`DatasetError` per bad line; :func:`load_jsonl` either raises the first error
-(``on_error="raise"``) or drops the bad lines and logs how many (``on_error="skip"``).
+Blank lines are ignored; the file is UTF-8 (a leading byte-order mark is allowed). Invalid JSON,
+bytes that are not UTF-8, a missing or any other key, a key repeated within the line, a wrong
+type, an empty ``video`` or ``question`` or a repeated ``id`` makes the line bad.
+:func:`read_jsonl` returns the good examples together with one :class:`DatasetError` per bad line;
+:func:`load_jsonl` either raises the first error (``on_error="raise"``) or drops the bad lines and
+logs each one and how many (``on_error="skip"``). :func:`check_data` does this for a run's three
+splits before anything else starts and returns the counts.
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from rlaif_ray.config import Config
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +60,18 @@ class LoadReport:
     errors: list[DatasetError] = field(default_factory=list)
 
 
+def _object_without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object; raises ValueError when a key appears twice (json would keep the last)."""
+    repeated = sorted(key for key, n in Counter(key for key, _ in pairs).items() if n > 1)
+    if repeated:
+        raise ValueError(f"repeated keys {repeated} in one object")
+    return dict(pairs)
+
+
 def _parse_line(line: str, folder: Path, default_id: str) -> VideoQAExample:
     """One JSONL line -> example; raises ValueError with a message without file/line context."""
     try:
-        record: Any = json.loads(line)
+        record: Any = json.loads(line, object_pairs_hook=_object_without_repeated_keys)
     except json.JSONDecodeError as error:
         raise ValueError(f"invalid JSON ({error})") from error
     if not isinstance(record, dict):
@@ -87,6 +101,17 @@ def _parse_line(line: str, folder: Path, default_id: str) -> VideoQAExample:
     )
 
 
+def _decode(raw: bytes) -> str:
+    """One line's bytes as UTF-8 text; raises ValueError naming the first bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        bad = raw[error.start : error.start + 1].hex()
+        raise ValueError(
+            f"not UTF-8 text (byte 0x{bad} at byte offset {error.start}: {error.reason})"
+        ) from None
+
+
 def read_jsonl(path: str | os.PathLike[str]) -> LoadReport:
     """Read every line of a JSONL dataset, collecting bad lines instead of raising.
 
@@ -96,11 +121,15 @@ def read_jsonl(path: str | os.PathLike[str]) -> LoadReport:
     path = Path(os.path.abspath(path))
     report = LoadReport()
     line_of_id: dict[str, int] = {}
-    with path.open(encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
+    # Bytes, decoded line by line: a line that is not UTF-8 is one bad line, not a failed file.
+    with path.open("rb") as file:
+        for number, raw in enumerate(file, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
+                raw = raw[3:]
             try:
+                line = _decode(raw)
+                if not line.strip():
+                    continue
                 example = _parse_line(line, path.parent, default_id=f"{path.stem}-{number}")
                 if example.id in line_of_id:
                     raise ValueError(f"duplicate id {example.id!r} (first on line {line_of_id[example.id]})")
@@ -126,15 +155,52 @@ def load_jsonl(
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     report = read_jsonl(path)
-    if report.errors:
-        if on_error == "raise":
-            raise report.errors[0]
-        for error in report.errors:
-            logger.warning("skipped bad line: %s", error)
-        logger.warning(
-            "%s: skipped %d bad lines, kept %d examples", path, len(report.errors), len(report.examples)
-        )
+    _apply_policy(report, path, on_error)
     return report.examples
+
+
+def _apply_policy(report: LoadReport, path: str | os.PathLike[str], on_error: str) -> None:
+    """Raise the first bad line's error (``"raise"``), or log every bad line and their count."""
+    if not report.errors:
+        return
+    if on_error == "raise":
+        raise report.errors[0]
+    for error in report.errors:
+        logger.warning("skipped bad line: %s", error)
+    logger.warning(
+        "%s: skipped %d bad lines, kept %d examples", path, len(report.errors), len(report.examples)
+    )
+
+
+def check_data(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Read ``data.train``, ``data.val`` and ``data.test`` under ``data.on_bad_line``, so that a
+    bad file or line is reported (file and line) before SFT or any actor starts.
+
+    Returns:
+        per split, ``{"path", "examples", "bad_lines"}`` (for ``summary.json``).
+
+    Raises:
+        DatasetError: a bad line under ``on_bad_line="raise"``, a file that cannot be read, or
+            a train split without a usable example.
+    """
+    counts: dict[str, dict[str, Any]] = {}
+    for split in ("train", "val", "test"):
+        path = getattr(cfg.data, split)
+        try:
+            report = read_jsonl(path)
+        except OSError as error:
+            raise DatasetError(
+                f"data.{split} = {path}: cannot read it ({error.strerror or error})"
+            ) from error
+        _apply_policy(report, path, cfg.data.on_bad_line)
+        counts[split] = {"path": str(path), "examples": len(report.examples), "bad_lines": len(report.errors)}
+        if not report.examples:
+            logger.warning("data.%s = %s: no usable example (%d bad lines)", split, path, len(report.errors))
+    if not counts["train"]["examples"]:
+        raise DatasetError(
+            f"data.train = {cfg.data.train}: no usable example ({counts['train']['bad_lines']} bad lines)"
+        )
+    return counts
 
 
 def save_jsonl(path: str | os.PathLike[str], examples: Iterable[VideoQAExample]) -> None:
