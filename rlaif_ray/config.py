@@ -34,8 +34,18 @@ class DataConfig:
     synthetic_dir: str | None = "data/synthetic"
     synthetic_videos: int = 400
     synthetic_seed: int = 0
-    # A bad JSONL line: "raise" stops, "skip" drops it and counts it.
+    # A bad JSONL line (bad JSON, missing or unknown key, wrong type, repeated id): "skip"
+    # (default) drops it with a warning naming its file and line, and counts it; "raise" stops
+    # the run at the first one, before SFT or any actor starts.
     on_bad_line: Literal["raise", "skip"] = "skip"
+    # A video with more pixels per frame (height x width) is refused before decoding, skipped and
+    # counted as too_large (FFmpeg decodes every frame at full size, whatever model size).
+    # Default: DCI 4K, 4096 x 2160.
+    max_video_pixels: int = 4096 * 2160
+    # Stop the run when more than this fraction of the prompts a rollout actor was last given (its
+    # share of one step: rl.prompts_per_step / rollout.num_actors) have a video that cannot be
+    # used (missing, broken, too large...); 1.0 never stops, 0.0 stops at the first bad video.
+    max_bad_video_fraction: float = 0.5
 
 
 @dataclass
@@ -104,6 +114,9 @@ class RolloutConfig:
     vllm_enforce_eager: bool = False
     # Node-local folder where each weight version is written as a peft adapter for vLLM.
     adapter_dir: str = "/tmp/rlaif_ray_adapters"
+    # Times Ray restarts a dead rollout actor (it then loads the newest weights and samples its
+    # prompts again); -1: without limit.
+    max_restarts: int = 3
 
 
 @dataclass
@@ -122,13 +135,19 @@ class RankerConfig:
     # When every attempt returned an invalid ordering: "tie" ranks the group all-tied (zero
     # advantage, it is skipped and counted); "drop" discards the group (also counted).
     fallback: Literal["tie", "drop"] = "tie"
+    # Wall seconds a group may spend being ranked (every attempt and back-off together); then
+    # it gets the fallback, is counted as deadline_expired, and the ranker moves on.
+    group_deadline_s: float = 120.0
     # judge backend: a local causal LM folder (transformers).
     judge_model_path: str | None = None
     judge_max_new_tokens: int = 24
     # openai backend: any OpenAI-compatible chat-completions endpoint.
     openai_base_url: str = "http://127.0.0.1:8000/v1"
     openai_model: str = "judge"
+    # The API key: read from the file openai_api_key_file when set (its first line), else from
+    # the environment variable named here; never stored in the config, logs or messages.
     openai_api_key_env: str = "OPENAI_API_KEY"
+    openai_api_key_file: str | None = None
     openai_timeout_s: float = 30.0
     openai_max_concurrency: int = 4
     openai_backoff_s: float = 0.5
@@ -183,6 +202,11 @@ class LearnerConfig:
     # ZeRO-3 keeps parameters smaller than this whole on every rank (DeepSpeed's
     # stage3_param_persistence_threshold, for SFT too); 0 partitions every parameter.
     zero3_persistence_threshold: int = 100_000
+    # Times the loop restores dead learners from the last checkpoint before it gives up.
+    max_restores: int = 3
+    # A learner not set up within this many seconds fails the run with what it waits for (e.g. a
+    # lock file left by a killed build of DeepSpeed's CPU op) instead of hanging.
+    setup_timeout_s: float = 900.0
 
 
 @dataclass
@@ -199,7 +223,10 @@ class RLConfig:
     # that learns it. 0: synchronous and on-policy. Above 0 the rollout actors sample the next
     # prompts while the learner learns, and stale answers are corrected (algo.is_cap).
     max_staleness: int = 0
+    # Every this many steps a checkpoint (the learners' full state, the loop's state, the config)
+    # is written to <run_dir>/checkpoints/step_<N>; the newest ``keep_checkpoints`` are kept.
     checkpoint_every: int = 20
+    keep_checkpoints: int = 3
     # Stop the loop after this many seconds of RL (0: run all ``steps``).
     time_limit_s: float = 0.0
 
@@ -210,6 +237,10 @@ class Config:
 
     seed: int = 0
     run_dir: str | None = None
+    # A run folder to continue from its newest checkpoint (the job was stopped or its driver died).
+    resume: str | None = None
+    # Where the dashboard of a Ray started by the launcher listens (0.0.0.0: every interface).
+    dashboard_host: str = "127.0.0.1"
     # What the job log shows (rlaif_ray/logs.py): "quiet" = our progress lines, evaluations, pool
     # events, warnings and errors, the libraries only from WARNING (transformers from ERROR, no
     # progress bars); "info" turns the libraries' INFO lines back on; "debug" shows everything.
@@ -236,6 +267,7 @@ def validate(cfg: Config) -> Config:
     """Check the values that the types alone cannot (ranges, relations between keys)."""
     positive_ints = [
         ("data.synthetic_videos", cfg.data.synthetic_videos),
+        ("data.max_video_pixels", cfg.data.max_video_pixels),
         ("model.num_frames", cfg.model.num_frames),
         ("model.lora_r", cfg.model.lora_r),
         ("model.lora_alpha", cfg.model.lora_alpha),
@@ -259,6 +291,7 @@ def validate(cfg: Config) -> Config:
         ("rl.prompts_per_step", cfg.rl.prompts_per_step),
         ("rl.eval_every", cfg.rl.eval_every),
         ("rl.checkpoint_every", cfg.rl.checkpoint_every),
+        ("rl.keep_checkpoints", cfg.rl.keep_checkpoints),
     ]
     for key, value in positive_ints:
         _check(value >= 1, key, value, "an integer >= 1")
@@ -288,9 +321,18 @@ def validate(cfg: Config) -> Config:
         ("rl.eval_examples", cfg.rl.eval_examples),
         ("rl.max_staleness", cfg.rl.max_staleness),
         ("rl.time_limit_s", cfg.rl.time_limit_s),
+        ("learner.max_restores", cfg.learner.max_restores),
+        ("learner.setup_timeout_s", cfg.learner.setup_timeout_s),
     ]
     for key, value in non_negative:
         _check(value >= 0, key, value, "a value >= 0")
+    _check(cfg.rollout.max_restarts >= -1, "rollout.max_restarts", cfg.rollout.max_restarts, "-1 or >= 0")
+    _check(
+        0 <= cfg.data.max_bad_video_fraction <= 1,
+        "data.max_bad_video_fraction",
+        cfg.data.max_bad_video_fraction,
+        "a fraction in [0, 1]",
+    )
     for key, value in [("sft.lr", cfg.sft.lr), ("learner.lr", cfg.learner.lr)]:
         _check(value > 0, key, value, "a learning rate > 0")
     _check(cfg.algo.is_cap > 0, "algo.is_cap", cfg.algo.is_cap, "a weight cap > 0")
@@ -337,6 +379,15 @@ def validate(cfg: Config) -> Config:
     _check(
         cfg.ranker.openai_timeout_s > 0, "ranker.openai_timeout_s", cfg.ranker.openai_timeout_s, "seconds > 0"
     )
+    _check(
+        cfg.ranker.group_deadline_s > 0, "ranker.group_deadline_s", cfg.ranker.group_deadline_s, "seconds > 0"
+    )
+    if not cfg.ranker.openai_api_key_env.isidentifier():  # the value is not shown: it may be a pasted key
+        raise ConfigError(
+            "config key 'ranker.openai_api_key_env' must be the name of an environment variable "
+            "(letters, digits, _), not the key itself; put the key in that variable or in a file "
+            "named by ranker.openai_api_key_file"
+        )
     if cfg.ranker.backend == "judge":
         _check(
             bool(cfg.ranker.judge_model_path),

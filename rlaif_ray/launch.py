@@ -1,7 +1,7 @@
 """The entry point: config -> SFT warm start -> Ray actors -> GRPO_rank loop -> run folder.
 
     python -m rlaif_ray.launch --config configs/default.yaml [key=value ...]
-    ray job submit --working-dir . -- python -m rlaif_ray.launch --config configs/default.yaml
+    ray job submit --runtime-env cluster/runtime_env.yaml --working-dir . -- python -m rlaif_ray.launch --config configs/default.yaml
 
 As a plain command it starts a local Ray; under ``ray job submit`` (``RAY_ADDRESS`` is set) it
 joins that cluster. Per step: the rollout actors sample a group per prompt, the ranker pool
@@ -21,32 +21,35 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 import yaml
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 
-from rlaif_ray.config import Config, load_config
-from rlaif_ray.data.dataset import load_jsonl
+from rlaif_ray.config import Config, ConfigError, load_config
+from rlaif_ray.data.dataset import check_data, load_jsonl
 from rlaif_ray.groups import Group
 from rlaif_ray.learner.worker import LearnerWorker, shard
 from rlaif_ray.logs import ScalarWriter, setup_logging
 from rlaif_ray.plot import plot_runs
 from rlaif_ray.prepare import ensure_data, ensure_model
 from rlaif_ray.ranker.pool import RankerPool
-from rlaif_ray.rollout.worker import RolloutWorker
-from rlaif_ray.sft import finished_checkpoint, run_sft
+from rlaif_ray.rollout.worker import RolloutWorker, WeightsBehind
+from rlaif_ray.sft import fingerprint, fingerprint_differences, finished_checkpoint, run_sft
 
 log = logging.getLogger(__name__)
 
 
-def init_ray(cfg: Config) -> None:
-    """Join the cluster named by RAY_ADDRESS (``ray job submit`` sets it), else start a local one."""
+def init_ray(cfg: Config) -> Any:
+    """Join the cluster named by RAY_ADDRESS (``ray job submit`` sets it), else start a local one
+    whose dashboard listens on ``dashboard_host`` only (127.0.0.1 by default)."""
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
+        return ray.init()
     # Logical CPUs: enough for every actor at once (they take turns on the real cores).
     needed = (
         cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor
@@ -55,16 +58,28 @@ def init_ray(cfg: Config) -> None:
         + 1
     )
     resources = {cfg.ranker.resource: float(cfg.ranker.max_actors)} if cfg.ranker.resource else {}
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), resources=resources)
+    return ray.init(
+        num_cpus=max(os.cpu_count() or 1, math.ceil(needed)),
+        resources=resources,
+        dashboard_host=cfg.dashboard_host,
+    )
 
 
 def warm_start(cfg: Config, model_dir: Path) -> str:
     """The folder RL starts from: the SFT checkpoint (trained now, or reused), else the base model."""
     if not cfg.sft.enabled:
         return str(model_dir)
-    if cfg.sft.reuse and finished_checkpoint(cfg.sft.output_dir):
-        print(f"[launch] reusing the SFT checkpoint in {cfg.sft.output_dir}", flush=True)
-        return cfg.sft.output_dir
+    state = finished_checkpoint(cfg.sft.output_dir)
+    if cfg.sft.reuse and state:
+        differences = fingerprint_differences(state.get("fingerprint"), fingerprint(cfg, model_dir))
+        if not differences:
+            print(f"[launch] reusing the SFT checkpoint in {cfg.sft.output_dir}", flush=True)
+            return cfg.sft.output_dir
+        print(
+            f"[launch] the SFT checkpoint in {cfg.sft.output_dir} was made with other settings, so it is "
+            "trained again: " + "; ".join(differences),
+            flush=True,
+        )
     print(f"[launch] SFT warm start: {cfg.sft.steps} steps -> {cfg.sft.output_dir}", flush=True)
     # In a task of its own (one process group per process; on a GPU cluster, on a GPU node).
     task = ray.remote(
@@ -85,8 +100,54 @@ def start_learners(cfg: Config, policy_dir: str) -> list[Any]:
         for rank in range(lc.num_actors)
     ]
     master_addr, master_port = ray.get(learners[0].address.remote())
-    ray.get([learner.setup.remote(master_addr, master_port) for learner in learners])
+    setups = [learner.setup.remote(master_addr, master_port) for learner in learners]
+    locks = build_locks()
+    if locks:
+        log.warning("DeepSpeed's op build may wait on these lock files: %s", ", ".join(locks))
+    try:
+        ray.get(setups, timeout=lc.setup_timeout_s)
+    except GetTimeoutError:
+        stop_actors(learners)
+        locks = build_locks()
+        raise RuntimeError(
+            f"the learners were not set up within learner.setup_timeout_s={lc.setup_timeout_s:g} s. "
+            "They wait for the torch.distributed rendezvous of all learner.num_actors ranks (are there "
+            "enough free CPUs/GPUs for every learner?) and, on the CPU, for DeepSpeed's build of its "
+            "communication op, which waits for a lock file to go away; a build killed midway leaves "
+            "it behind. "
+            + (
+                f"Lock files now: {', '.join(locks)}: delete them if no build is running."
+                if locks
+                else f"No lock file under {extensions_dir()} now."
+            )
+        ) from None
     return learners
+
+
+def build_locks() -> list[str]:
+    """The ``lock`` files of torch extension builds (each build folder holds one while it builds)."""
+    root = Path(extensions_dir())
+    return sorted(str(p) for p in root.glob("*/lock")) + sorted(str(p) for p in root.glob("*/*/lock"))
+
+
+def extensions_dir() -> str:
+    """Where torch builds C++ extensions (DeepSpeed's CPU op): ``TORCH_EXTENSIONS_DIR`` or torch's default."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+
+
+def stop_actors(actors: list[Any], timeout_s: float = 60.0) -> None:
+    """Kill ``actors`` and wait until each is dead, so that their names can be taken again."""
+    for actor in actors:
+        ray.kill(actor)
+    deadline = time.time() + timeout_s
+    for actor in actors:
+        while time.time() < deadline:
+            try:
+                ray.get(actor.__ray_ready__.remote(), timeout=1)
+            except (RayActorError, GetTimeoutError):
+                break
 
 
 def start_rollouts(cfg: Config, policy_dir: str) -> list[Any]:
@@ -95,7 +156,11 @@ def start_rollouts(cfg: Config, policy_dir: str) -> list[Any]:
     actor_cls = ray.remote(RolloutWorker)
     return [
         actor_cls.options(
-            name=f"rollout-{rank}", num_cpus=rc.num_cpus_per_actor, num_gpus=rc.num_gpus_per_actor
+            name=f"rollout-{rank}",
+            num_cpus=rc.num_cpus_per_actor,
+            num_gpus=rc.num_gpus_per_actor,
+            max_restarts=rc.max_restarts,
+            max_task_retries=0,  # the driver re-sends the weights first, then the prompts
         ).remote(cfg, policy_dir, rank)
         for rank in range(rc.num_actors)
     ]
@@ -119,11 +184,18 @@ class Trainer:
     With the bound at 0 this is the synchronous, on-policy loop: sample, rank, learn, sync.
     After each update every rollout actor is sent the new weights before any further sampling
     request (Ray runs an actor's calls in order), so what it samples next uses them.
+
+    Faults (see the README's "Operations: what survives what"): a dead rollout actor is restarted
+    by Ray; the driver sends it the newest weights, then its prompts again. Dead learners are
+    replaced and restored from the newest checkpoint; the updates since then are rolled back and
+    learned again from fresh samples, under weight versions above every version served so far.
+    ``resume`` continues a stopped run from its newest checkpoint.
     """
 
     def __init__(self, cfg: Config, run_dir: Path, policy_dir: str) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
+        self.policy_dir = policy_dir
         self.train = load_jsonl(cfg.data.train, on_error=cfg.data.on_bad_line)
         self.test = load_jsonl(cfg.data.test, on_error=cfg.data.on_bad_line)
         if cfg.rl.eval_examples:
@@ -132,32 +204,65 @@ class Trainer:
         self.learners = start_learners(cfg, policy_dir)
         self.rollouts = start_rollouts(cfg, policy_dir)
         self.pool = RankerPool(cfg)
-        self.version = 0
+        self.version = 0  # the version the learners hold (and the rollout actors are sent)
+        self.state_ref: Any = None  # the object-store copy of that version's weights
+        self.floor = 0  # groups sampled below this version were sampled by rolled-back weights
         self.draws = 0  # sampling requests so far: each draw's groups are ids "<draw>:<example>"
-        self.sampling: dict[Any, tuple[int, int]] = {}  # rollout ref -> (draw, prompts asked)
+        # rollout ref -> (draw, rollout actor index, the examples asked for)
+        self.sampling: dict[Any, tuple[int, int, list[Any]]] = {}
         self.ready: list[Group] = []  # ranked, waiting for the learner, in arrival order
         self.order: dict[str, tuple[int, int]] = {}  # group id -> (draw, position): the sampling order
-        self.syncs: list[Any] = []
+        self.syncs: list[tuple[int, Any]] = []  # (rollout actor index, or -1 for a learner, ref)
+        self.sent = [0] * len(self.rollouts)  # the weight version last sent to each rollout actor
+        self.incarnations = ray.get([actor.incarnation.remote() for actor in self.rollouts])
         self.empty_draws = 0
         self.learning = 0  # groups in the learner's update now
+        self.step_no = 0  # updates that stand (rolled-back ones are taken off)
         self.updates_left = cfg.rl.steps
+        self.since_checkpoint: list[int] = []  # groups learned by each update since the last checkpoint
+        self.checkpoint_step = 0
+        self.evals: list[dict[str, Any]] = []
+        self.restores: list[dict[str, Any]] = []
         # Every group sampled ends up learned (of which skipped_tied carried no signal), dropped
-        # (too stale, or unranked by the ranker's "drop" fallback) or, at the end, unlearned.
+        # (too stale; unranked by the ranker's "drop" fallback; sampled by weights a learner
+        # restore rolled back), rolled back (learned by an update that a restore undid), lost when
+        # the job stopped (resume), or, at the end, unlearned.
         self.counts = {
             "sampled": 0,
             "learned": 0,
             "skipped_tied": 0,
+            "skipped_nonfinite_updates": 0,
             "dropped_stale": 0,
             "dropped_unranked": 0,
+            "dropped_rolled_back": 0,
+            "rolled_back": 0,
+            "lost_at_stop": 0,
         }
+        self.faults = {"rollout_restarts": 0, "learner_restores": 0}
+        self.rows_bad_video = 0  # answers the learner dropped because their video failed there
+
+    # ---- sampling and ranking
 
     def evaluate(self) -> dict[str, Any]:
         """Held-out accuracy of the served version (rollout-0, greedy)."""
-        return ray.get(self.rollouts[0].evaluate.remote(self.test))
+        while True:
+            try:
+                result = ray.get(self.rollouts[0].evaluate.remote(self.test))
+            except RayActorError as exc:
+                self.on_rollout_death(0, exc)
+                continue
+            if result["version"] == self.sent[0]:
+                return result
+            self.on_rollout_death(0, WeightsBehind(f"rollout-0 evaluated version {result['version']}"))
 
     def in_pipeline(self) -> int:
         """Groups asked of the rollout actors, being ranked, ranked and waiting, or being learned."""
-        return sum(n for _, n in self.sampling.values()) + self.pool.pending + len(self.ready) + self.learning
+        return (
+            sum(len(examples) for _, _, examples in self.sampling.values())
+            + self.pool.pending
+            + len(self.ready)
+            + self.learning
+        )
 
     def sample_ahead(self) -> None:
         """Ask the rollout actors for prompts until the pipeline holds what the bound allows.
@@ -178,22 +283,66 @@ class Trainer:
         for i, actor in enumerate(self.rollouts):
             part = shard(examples, i, n)
             if part:
-                self.sampling[actor.rollout.remote(part, self.draws)] = (self.draws, len(part))
+                self.sampling[actor.rollout.remote(part, self.draws, self.sent[i])] = (self.draws, i, part)
+
+    def on_rollout_death(self, index: int, exc: Exception) -> None:
+        """A call to rollout actor ``index`` failed (or found it serving older weights): wait until
+        Ray has restarted it (up to ``rollout.max_restarts`` times), then send it the newest
+        weights ahead of anything else. A restart is counted once, however many calls it failed."""
+        actor = self.rollouts[index]
+        deadline = time.time() + 600
+        while True:
+            try:
+                incarnation = ray.get(actor.incarnation.remote(), timeout=60)
+                break
+            except (ActorUnavailableError, GetTimeoutError):  # restarting
+                if time.time() > deadline:
+                    raise RuntimeError(f"rollout-{index} did not come back within 600 s: {exc}") from exc
+                time.sleep(0.2)
+            except ActorDiedError as died:
+                raise RuntimeError(
+                    f"rollout-{index} died and Ray restarts it no more "
+                    f"(rollout.max_restarts={self.cfg.rollout.max_restarts}): {died}"
+                ) from exc
+        if incarnation != self.incarnations[index]:
+            self.incarnations[index] = incarnation
+            self.faults["rollout_restarts"] += 1
+            log.warning(
+                "rollout-%d died (%s): restarted, now sent weight version %d", index, exc, self.version
+            )
+        if self.state_ref is not None:  # (an actor that holds this version already ignores it)
+            self.syncs.append((index, actor.update_weights.remote(self.version, self.state_ref)))
+            self.sent[index] = self.version
 
     def on_sampled(self, ref: Any) -> None:
-        draw, _ = self.sampling.pop(ref)
-        groups = ray.get(ref)
+        draw, index, examples = self.sampling.pop(ref)
+        try:
+            groups = ray.get(ref)
+        except (RayActorError, WeightsBehind) as exc:
+            self.on_rollout_death(index, exc)
+            retry = self.rollouts[index].rollout.remote(examples, draw, self.sent[index])
+            self.sampling[retry] = (draw, index, examples)
+            return
         for position, group in enumerate(groups):
             self.order[group.group_id] = (draw, position)
         self.counts["sampled"] += len(groups)
-        self.pool.submit(groups)
+        current = [g for g in groups if not self.rolled_back(g)]
+        self.pool.submit(current)
+
+    def rolled_back(self, group: Group) -> bool:
+        """Drop (and count) a group sampled by weights that a learner restore undid."""
+        if group.weight_version >= self.floor:
+            return False
+        self.counts["dropped_rolled_back"] += 1
+        self.order.pop(group.group_id, None)
+        return True
 
     def on_ranked(self, ref: Any) -> None:
         for group in self.pool.collect(ref):
             if group.ranks is None:  # the ranker's "drop" fallback
                 self.counts["dropped_unranked"] += 1
                 self.order.pop(group.group_id, None)
-            else:
+            elif not self.rolled_back(group):
                 self.ready.append(group)
 
     def take_batch(self) -> list[Group] | None:
@@ -222,10 +371,32 @@ class Trainer:
     def sync_weights(self) -> None:
         """Learner 0's weights -> object store (one copy) -> every rollout actor, ahead of its next
         sampling request. Every learner takes part in the export (a collective under ZeRO-3)."""
-        state_ref, *others = [learner.export_weights.remote() for learner in self.learners]
+        self.state_ref, *others = [learner.export_weights.remote() for learner in self.learners]
         self.syncs = [
-            actor.update_weights.remote(self.version, state_ref) for actor in self.rollouts
-        ] + others
+            (i, actor.update_weights.remote(self.version, self.state_ref))
+            for i, actor in enumerate(self.rollouts)
+        ] + [(-1, ref) for ref in others]
+        self.sent = [self.version] * len(self.rollouts)
+
+    def finish_syncs(self) -> bool:
+        """Wait until every rollout actor holds the newest weights. A rollout actor that died is sent
+        them again once restarted. Returns False when a learner died (the export failed)."""
+        while self.syncs:
+            index, ref = self.syncs.pop(0)
+            try:
+                ray.get(ref)
+            except RayActorError as exc:
+                if index < 0 or not self.learners_alive():
+                    return False
+                self.on_rollout_death(index, exc)
+        return True
+
+    def learners_alive(self) -> bool:
+        try:
+            ray.get([learner.__ray_ready__.remote() for learner in self.learners], timeout=60)
+        except (RayActorError, GetTimeoutError):
+            return False
+        return True
 
     def progress(self, until: list[Any] | None = None) -> bool:
         """Handle the next finished sampling or ranking request, or return True once every reference
@@ -255,12 +426,135 @@ class Trainer:
             self.progress()
         return batch
 
-    def save(self, name: str) -> str:
-        folder = str(self.run_dir / "checkpoints" / name)
-        ray.get([learner.save.remote(folder) for learner in self.learners])
-        return folder
+    # ---- checkpoints, restore and resume
 
-    def step(self, step: int) -> dict[str, Any]:
+    def save(self, name: str) -> str:
+        """Write checkpoint ``checkpoints/<name>`` atomically: every part goes into a temporary
+        folder, renamed when whole. Holds the learners' full state (policy files, DeepSpeed's
+        parameters, optimizer and scheduler, RNGs), the loop's state (``trainer_state.json``: step,
+        versions, counts, the data order's RNG), the rollout actors' sampling RNGs and the config.
+        Only the newest ``rl.keep_checkpoints`` ``step_*`` checkpoints are kept."""
+        root = self.run_dir / "checkpoints"
+        final, tmp = root / name, root / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        ray.get([learner.save_state.remote(str(tmp)) for learner in self.learners])
+        rngs = ray.get([actor.rng_state.remote() for actor in self.rollouts])
+        torch.save(rngs, tmp / "rollout_rng.pt")
+        state = {
+            "step": self.step_no,
+            "version": self.version,
+            "draws": self.draws,
+            "rng": self.rng.getstate(),
+            "counts": self.counts,
+            "faults": self.faults,
+            "in_pipeline": self.in_pipeline(),
+            "rows_bad_video": self.rows_bad_video,
+            "evals": self.evals,
+            "restores": self.restores,
+        }
+        (tmp / TRAINER_STATE).write_text(json.dumps(state))
+        (tmp / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        if final.exists():  # a step learned again after a restore: the new one replaces it
+            old = root / f".{name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        steps = sorted(checkpoint_steps(root))
+        for step in steps[: max(0, len(steps) - self.cfg.rl.keep_checkpoints)]:
+            shutil.rmtree(root / f"step_{step}")
+        if name.startswith("step_"):
+            self.since_checkpoint, self.checkpoint_step = [], self.step_no
+        return str(final)
+
+    def restore_learners(self, reason: Exception) -> None:
+        """Replace every learner (one died: the process group is gone) and restore them from the
+        newest checkpoint, or from the warm start when there is none yet. The updates since then
+        are rolled back; the restored weights are published as a version above every version
+        served so far, and groups sampled by rolled-back weights are dropped (counted)."""
+        self.faults["learner_restores"] += 1
+        if self.faults["learner_restores"] > self.cfg.learner.max_restores:
+            raise RuntimeError(
+                f"learners died {self.faults['learner_restores']} times (learner.max_restores="
+                f"{self.cfg.learner.max_restores}): {reason}"
+            ) from reason
+        folder = latest_checkpoint(self.run_dir)
+        rolled = sum(self.since_checkpoint)
+        log.warning(
+            "a learner died (%s): restoring every learner from %s; %d update(s) (%d groups) rolled back",
+            reason,
+            folder or "the warm start",
+            len(self.since_checkpoint),
+            rolled,
+        )
+        stop_actors(self.learners)
+        self.learners = start_learners(self.cfg, self.policy_dir)
+        new_version = self.version + 1
+        if folder is None:
+            ray.get([learner.set_version.remote(new_version) for learner in self.learners])
+        else:
+            ray.get([learner.load_state.remote(folder, new_version) for learner in self.learners])
+        self.restores.append(
+            {"at_step": self.step_no, "to_step": self.checkpoint_step, "rolled_back_groups": rolled}
+        )
+        self.counts["learned"] -= rolled
+        self.counts["rolled_back"] += rolled
+        self.step_no = self.checkpoint_step
+        self.updates_left = self.cfg.rl.steps - self.step_no
+        self.since_checkpoint = []
+        self.learning = 0
+        self.version = self.floor = new_version
+        self.ready = [g for g in self.ready if not self.rolled_back(g)]
+        self.syncs = []
+        self.sync_weights()
+
+    def resume(self, folder: Path, metrics_path: Path) -> None:
+        """Continue from checkpoint ``folder``: the learners' state, the loop's counts, data order and
+        the rollout actors' sampling RNGs. Records of later steps in ``metrics.jsonl`` (learned, then
+        lost with the stopped job) are taken out and their groups counted as rolled back; the groups
+        that were in the pipeline at the stop are counted as lost."""
+        state = json.loads((folder / TRAINER_STATE).read_text())
+        records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        kept = [r for r in records if r["step"] <= state["step"]]
+        later = [r for r in records if r["step"] > state["step"]]
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.counts.update(state["counts"])
+        self.faults.update(state["faults"])
+        self.evals, self.restores = state["evals"], state["restores"]
+        self.rows_bad_video = state["rows_bad_video"]
+        if later:  # the stopped job's counts at its last record, its later updates rolled back
+            last = later[-1]["pipeline"]
+            self.counts.update({k: last[k] for k in self.counts if k in last})
+            self.counts["learned"] = state["counts"]["learned"]
+            self.counts["skipped_tied"] = state["counts"]["skipped_tied"]
+            self.counts["rolled_back"] += sum(r["groups"] for r in later)
+        # Groups sampled and not yet learned or dropped when the job stopped are lost with it.
+        self.counts["lost_at_stop"] += self.counts["sampled"] - sum(self.counts[k] for k in GROUP_OUTCOMES)
+        self.rng.setstate(json_to_tuple(state["rng"]))
+        self.draws = state["draws"]
+        self.step_no = self.checkpoint_step = state["step"]
+        self.updates_left = self.cfg.rl.steps - self.step_no
+        seen = max([state["version"]] + [r["weight_version"] for r in later])
+        self.version = state["version"] if seen == state["version"] else seen + 1
+        self.floor = self.version
+        ray.get([learner.load_state.remote(str(folder), self.version) for learner in self.learners])
+        rngs = torch.load(folder / "rollout_rng.pt", weights_only=False)
+        ray.get([a.set_rng_state.remote(rngs[i % len(rngs)]) for i, a in enumerate(self.rollouts)])
+        self.sync_weights()
+        self.finish_syncs()
+        print(
+            f"[rl] resumed from {folder} at step {self.step_no} (weight version {self.version}); "
+            f"{len(later)} later step(s) rolled back",
+            flush=True,
+        )
+
+    # ---- one update
+
+    def step(self) -> dict[str, Any] | None:
+        """One update; None when a learner died and the learners were restored instead."""
         t0 = time.time()
         self.sample_ahead()
         batch = self.wait_for_batch()
@@ -271,20 +565,30 @@ class Trainer:
         self.learning = len(batch)
         while not self.progress(until=updates):
             self.sample_ahead()
-        learner_stats = ray.get(updates)[0]
+        try:
+            learner_stats = ray.get(updates)[0]
+        except RayActorError as exc:
+            self.counts["dropped_rolled_back"] += len(batch)  # in the update that died
+            self.restore_learners(exc)
+            return None
         self.learning = 0
         self.updates_left -= 1
+        self.step_no += 1
         self.counts["learned"] += len(batch)
+        self.since_checkpoint.append(len(batch))
         self.counts["skipped_tied"] += int(learner_stats.get("groups_skipped_tied", 0))
+        self.rows_bad_video += int(learner_stats.get("rows_bad_video", 0))
+        self.counts["skipped_nonfinite_updates"] += int(learner_stats.get("skipped_nonfinite", 0) > 0)
         t2 = time.time()
-        ray.get(self.syncs)  # the previous update's weights reached every rollout actor
+        if not self.finish_syncs():  # the previous update's weights reached every rollout actor
+            self.restore_learners(RuntimeError("a learner died while exporting its weights"))
+            return None
         if not learner_stats.get("skipped_step"):
             self.version = int(learner_stats["version"])
             self.sync_weights()
-        self.sample_ahead()  # sample the next prompts while this step is recorded and evaluated
         t3 = time.time()
         return {
-            "step": step,
+            "step": self.step_no,
             "samples": sum(g.size for g in batch),
             "groups": len(batch),
             "weight_version": self.version,
@@ -294,6 +598,7 @@ class Trainer:
             "sampled_accuracy": sampled_accuracy(batch),
             "ranker": self.pool.stats(),
             "pipeline": {**self.counts, "in_flight": self.in_pipeline()},
+            "faults": dict(self.faults),
             "learner": learner_stats,
             "time": {
                 "wait_s": t1 - t0,
@@ -305,36 +610,47 @@ class Trainer:
             },
         }
 
-    def run(self) -> dict[str, Any]:
+    def run(self, resume_from: Path | None = None) -> dict[str, Any]:
         cfg = self.cfg
         start = time.time()
+        metrics_path = self.run_dir / "metrics.jsonl"
         scalars = ScalarWriter(self.run_dir)  # TensorBoard: tensorboard --logdir runs/
-        before = self.evaluate()
-        print(f"[rl] held-out accuracy before RL: {before['accuracy']:.3f} (n={before['n']})", flush=True)
-        scalars.write(0, {"eval": before})
-        evals = [{"step": 0, **before}]
+        if resume_from is None:
+            before = self.evaluate()
+            print(f"[rl] held-out accuracy before RL: {before['accuracy']:.3f} (n={before['n']})", flush=True)
+            scalars.write(0, {"eval": before})
+            self.evals = [{"step": 0, **before}]
+            metrics_path.write_text("")
+        else:
+            self.resume(resume_from, metrics_path)
+        first_step = self.step_no
         rl_start = time.time()
         eval_s = 0.0  # evaluation time does not count against rl.time_limit_s
-        steps_done = 0
-        with (self.run_dir / "metrics.jsonl").open("w") as metrics:
-            for step in range(1, cfg.rl.steps + 1):
-                record = self.step(step)
-                steps_done = step
+        with metrics_path.open("a") as metrics:
+            while self.step_no < cfg.rl.steps:
+                record = self.step()
+                if record is None:  # learners restored: the loop goes on from the checkpoint's step
+                    continue
+                step = record["step"]
                 out_of_time = (
                     bool(cfg.rl.time_limit_s) and time.time() - rl_start - eval_s >= cfg.rl.time_limit_s
                 )
-                if step % cfg.rl.eval_every == 0 and step != cfg.rl.steps and not out_of_time:
+                evaluate = step % cfg.rl.eval_every == 0 and step != cfg.rl.steps and not out_of_time
+                if (evaluate or step % cfg.rl.checkpoint_every == 0) and not self.finish_syncs():
+                    self.restore_learners(RuntimeError("a learner died while exporting its weights"))
+                    continue
+                if evaluate:
                     t = time.time()
-                    ray.get(self.syncs)
                     record["eval"] = self.evaluate()
-                    evals.append({"step": step, **record["eval"]})
+                    self.evals.append({"step": step, **record["eval"]})
                     eval_s += time.time() - t
                 if step % cfg.rl.checkpoint_every == 0:
                     record["checkpoint"] = self.save(f"step_{step}")
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 scalars.write(step, record)
-                eta_s = (time.time() - rl_start) / step * (cfg.rl.steps - step)
+                done = step - first_step
+                eta_s = (time.time() - rl_start) / max(done, 1) * (cfg.rl.steps - step)
                 if cfg.rl.time_limit_s:
                     eta_s = min(eta_s, max(0.0, cfg.rl.time_limit_s - (time.time() - rl_start - eval_s)))
                 print(progress_line(record, cfg.rl.steps, eta_s), flush=True)
@@ -349,29 +665,41 @@ class Trainer:
                         f"[rl] rl.time_limit_s={cfg.rl.time_limit_s:g} reached after {step} steps", flush=True
                     )
                     break
+                self.sample_ahead()  # the next prompts while this step is recorded and evaluated
         rl_wall_s = time.time() - rl_start - eval_s
-        ray.get(self.syncs)
-        after = self.evaluate() if steps_done else before
-        evals.append({"step": steps_done, **after})
-        if steps_done:
-            scalars.write(steps_done, {"eval": after})
+        while not self.finish_syncs():
+            self.restore_learners(RuntimeError("a learner died while exporting its final weights"))
+        before = self.evals[0]
+        after = self.evaluate() if self.step_no else before
+        self.evals.append({"step": self.step_no, **after})
+        if self.step_no:
+            scalars.write(self.step_no, {"eval": after})
         scalars.close()
         final = self.save("final")
+        rollout_stats = ray.get([a.stats.remote() for a in self.rollouts])
         summary = {
             "accuracy_before": before["accuracy"],
             "accuracy_after": after["accuracy"],
             "per_type_before": before["per_type"],
             "per_type_after": after["per_type"],
             "eval_examples": after["n"],
-            "steps": steps_done,
+            "steps": self.step_no,
+            "steps_run_by_this_job": self.step_no - first_step,
+            "resumed_from": str(resume_from) if resume_from else None,
             "weight_version": self.version,
             "max_staleness": cfg.rl.max_staleness,
             "wall_s": time.time() - start,
             "rl_wall_s": rl_wall_s,
-            "evals": evals,
+            "evals": self.evals,
             "groups": {**self.counts, "unlearned_at_end": self.in_pipeline()},
+            "faults": {**self.faults, "ranker_restarts": self.pool.restarts, "restores": self.restores},
             "ranker": self.pool.stats(),
-            "rollout": ray.get([a.stats.remote() for a in self.rollouts]),
+            "rollout": rollout_stats,
+            "bad_inputs": {
+                "data_lines": json.loads((self.run_dir / "data_check.json").read_text()),
+                "prompts_bad_video": sum(s["prompts_bad_video"] for s in rollout_stats),
+                "learner_rows_bad_video": self.rows_bad_video,
+            },
             "checkpoint": final,
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -385,6 +713,40 @@ class Trainer:
             flush=True,
         )
         return summary
+
+
+TRAINER_STATE = "trainer_state.json"
+# What becomes of a sampled group: ``sampled`` = the sum of these + ``unlearned_at_end``.
+GROUP_OUTCOMES = (
+    "learned",
+    "dropped_stale",
+    "dropped_unranked",
+    "dropped_rolled_back",
+    "rolled_back",
+    "lost_at_stop",
+)
+
+
+def checkpoint_steps(root: Path) -> list[int]:
+    """The steps of the whole ``step_<N>`` checkpoints under ``root`` (temporary folders excluded)."""
+    if not root.is_dir():
+        return []
+    return [
+        int(p.name.removeprefix("step_"))
+        for p in root.glob("step_*")
+        if p.name.removeprefix("step_").isdigit() and (p / TRAINER_STATE).is_file()
+    ]
+
+
+def latest_checkpoint(run_dir: Path) -> str | None:
+    """The newest whole ``step_<N>`` checkpoint of a run folder, or None."""
+    steps = checkpoint_steps(run_dir / "checkpoints")
+    return str(run_dir / "checkpoints" / f"step_{max(steps)}") if steps else None
+
+
+def json_to_tuple(value: Any) -> Any:
+    """``random.Random.getstate()`` after a JSON round trip (lists) back to nested tuples."""
+    return tuple(json_to_tuple(v) for v in value) if isinstance(value, list) else value
 
 
 def progress_line(record: dict[str, Any], steps: int, eta_s: float | None = None) -> str:
@@ -441,6 +803,7 @@ def with_absolute_paths(cfg: Config) -> Config:
         ("model", "path"),
         ("sft", "output_dir"),
         ("ranker", "judge_model_path"),
+        ("ranker", "openai_api_key_file"),
     ]:
         value = getattr(getattr(cfg, section), key)
         if value:
@@ -448,14 +811,75 @@ def with_absolute_paths(cfg: Config) -> Config:
     return cfg
 
 
+# Settings a resumed run may change: they decide how long it runs and what it writes, not what
+# it learns.
+RESUMABLE = {
+    "resume",
+    "run_dir",
+    "log_level",
+    "rl.steps",
+    "rl.time_limit_s",
+    "rl.eval_every",
+    "rl.checkpoint_every",
+    "rl.keep_checkpoints",
+    "rollout.max_restarts",
+    "learner.max_restores",
+    "learner.setup_timeout_s",
+}
+
+
+def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"rl": {"steps": 5}}`` -> ``{"rl.steps": 5}``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_point(cfg: Config) -> tuple[Path, Path]:
+    """The run folder named by ``resume`` and its newest whole checkpoint; the config must be the
+    one that run was trained with, except for :data:`RESUMABLE` settings."""
+    run_dir = Path(cfg.resume).absolute()
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError(f"resume={cfg.resume!r}: {saved_path} does not exist (not a run folder)")
+    saved = flat(with_absolute_paths(load_config(str(saved_path))).to_dict())
+    now = flat(cfg.to_dict())
+    differ = [
+        f"{k}: {saved.get(k)!r} in the run, {now.get(k)!r} now"
+        for k in now
+        if k not in RESUMABLE and saved.get(k) != now.get(k)
+    ]
+    if differ:
+        raise ConfigError(
+            f"resume={cfg.resume!r}: the config differs from the one the run was trained with "
+            f"({saved_path}): " + "; ".join(differ)
+        )
+    folder = latest_checkpoint(run_dir)
+    if folder is None:
+        raise ConfigError(
+            f"resume={cfg.resume!r}: no whole checkpoint under {run_dir / 'checkpoints'} (the run stopped "
+            f"before its first, every rl.checkpoint_every={cfg.rl.checkpoint_every} steps)"
+        )
+    return run_dir, Path(folder)
+
+
 def prepare_run(cfg: Config) -> tuple[Config, Path, Path]:
-    """Absolute paths, the run folder with its ``config.yaml``, the data and the model folder."""
+    """Absolute paths, the run folder with its ``config.yaml``, the data (checked line by line
+    before anything starts: ``data_check.json``) and the model folder."""
     cfg = with_absolute_paths(cfg)
-    run_dir = Path(cfg.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir = run_dir.absolute()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.resume:
+        run_dir, _ = resume_point(cfg)
+    else:
+        run_dir = Path(cfg.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}").absolute()
+        run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.run_dir = str(run_dir)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     ensure_data(cfg)
+    (run_dir / "data_check.json").write_text(json.dumps(check_data(cfg), indent=2))
     return cfg, run_dir, ensure_model(cfg)
 
 
@@ -467,7 +891,8 @@ def run(cfg: Config) -> dict[str, Any]:
         init_ray(cfg)
     try:
         policy_dir = warm_start(cfg, model_dir)
-        return Trainer(cfg, run_dir, policy_dir).run()
+        resume_from = resume_point(cfg)[1] if cfg.resume else None
+        return Trainer(cfg, run_dir, policy_dir).run(resume_from)
     finally:
         if started_ray:
             ray.shutdown()
@@ -475,10 +900,22 @@ def run(cfg: Config) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Oracle-RLAIF (GRPO_rank) on Ray")
-    parser.add_argument("--config", default="configs/default.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. rl.steps=10")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="YAML config (default: configs/default.yaml, or the run's own config.yaml with resume=RUN_DIR)",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value config overrides, e.g. rl.steps=10; resume=RUN_DIR continues a run",
+    )
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    config = args.config
+    if config is None:
+        resume = [o.split("=", 1)[1] for o in args.overrides if o.startswith("resume=")]
+        config = str(Path(resume[-1]) / "config.yaml") if resume else "configs/default.yaml"
+    cfg = load_config(config, args.overrides)
     setup_logging(cfg.log_level)
     run(cfg)
 

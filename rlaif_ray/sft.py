@@ -10,8 +10,11 @@ checkpoint finished so that ``rlaif_ray.launch`` reuses it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import logging
+import os
 import random
 import time
 from pathlib import Path
@@ -36,6 +39,44 @@ SFT_STATE = "sft_state.json"
 def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Token-mean negative log-likelihood of the target answers: ``-sum(m * logp) / sum(m)``."""
     return -(logprobs * mask).sum() / mask.sum().clamp(min=1)
+
+
+def fingerprint(cfg: Config, model_dir: str | Path) -> dict[str, Any]:
+    """What an SFT checkpoint depends on: the SFT and model settings, the seed, the base model
+    (hash of its small files, size of each file) and the train file (hash of its bytes).
+
+    Settings that do not change the weights (logging, evaluation cadence, output folder, reuse)
+    are left out. Two fingerprints are compared key by key (:func:`fingerprint_differences`).
+    """
+    sft = {
+        k: v
+        for k, v in dataclasses.asdict(cfg.sft).items()
+        if k not in ("output_dir", "reuse", "eval_every", "log_every")
+    }
+    files = sorted(p for p in Path(model_dir).rglob("*") if p.is_file())
+    model = hashlib.sha256()
+    for path in files:
+        model.update(f"{path.relative_to(model_dir)}:{path.stat().st_size}".encode())
+        if path.stat().st_size < 1 << 20:  # configs, tokenizer files; weights by size only
+            model.update(path.read_bytes())
+    return {
+        **{f"sft.{k}": v for k, v in sft.items()},
+        **{f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items() if k != "path"},
+        "seed": cfg.seed,
+        "base model files": model.hexdigest(),
+        "data.train contents": hashlib.sha256(Path(cfg.data.train).read_bytes()).hexdigest(),
+    }
+
+
+def fingerprint_differences(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
+    """``key: saved -> now`` for every setting that differs (everything when nothing was saved)."""
+    if saved is None:
+        return ["no fingerprint saved (a checkpoint made before fingerprints)"]
+    return [
+        f"{key}: {saved.get(key, '(unset)')!r} -> {now.get(key, '(unset)')!r}"
+        for key in sorted(set(saved) | set(now))
+        if saved.get(key) != now.get(key)
+    ]
 
 
 def finished_checkpoint(folder: str | Path) -> dict[str, Any] | None:
@@ -72,6 +113,7 @@ def run_sft(cfg: Config) -> dict[str, Any]:
     model_dir = ensure_model(cfg)
     out = Path(cfg.sft.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / SFT_STATE).unlink(missing_ok=True)  # unfinished until the new state is written
     if cfg.learner.num_threads:  # SFT runs in a task with the learner's resources
         torch.set_num_threads(cfg.learner.num_threads)
     torch.manual_seed(cfg.seed)
@@ -82,7 +124,7 @@ def run_sft(cfg: Config) -> dict[str, Any]:
     if not train:
         raise ValueError(f"{cfg.data.train}: no example with an answer to train on")
     policy = VideoLMPolicy.from_folder(model_dir, cfg.model, seed=cfg.seed)
-    store = FrameStore(cfg.model.num_frames, policy.image_size)
+    store = FrameStore(cfg.model.num_frames, policy.image_size, max_pixels=cfg.data.max_video_pixels)
     init_distributed("gloo" if not torch.cuda.is_available() else "nccl")
     engine = build_engine(
         policy,
@@ -133,8 +175,12 @@ def run_sft(cfg: Config) -> dict[str, Any]:
         "history": history,
         "skipped_videos": store.skipped_videos,
         "model": str(model_dir),
+        "fingerprint": fingerprint(cfg, model_dir),
     }
-    (out / SFT_STATE).write_text(json.dumps(state, indent=2))
+    # Written last and atomically: it marks the checkpoint finished.
+    tmp = out / f".{SFT_STATE}.tmp"
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, out / SFT_STATE)
     return state
 
 

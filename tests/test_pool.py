@@ -1,22 +1,28 @@
-"""The ranker pool on a real local Ray cluster: named actors, growth with backlog, shrinking, restarts."""
+"""The ranker pool on a real local Ray cluster: named actors, growth with backlog, shrinking, restarts,
+counters that survive the actors, and a judge (a real HTTP server on 127.0.0.1) that hangs."""
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
+
 import pytest
 import ray
+from test_ranker_openai import FakeJudgeServer, rank_by_reference
 
 from rlaif_ray.config import Config, load_config
 from rlaif_ray.groups import Group
-from rlaif_ray.ranker.pool import RankerPool
+from rlaif_ray.ranker.pool import MAX_ACTOR_DEATHS, RankerPool
 
 
-def make_group(i: int, reference: str = "red") -> Group:
+def make_group(i: int, reference: str = "red", question: str = "what colour ?") -> Group:
     completions = ["blue", "red", "red circle", "green"]
     return Group(
         group_id=f"g{i}",
         example_id=f"e{i}",
         video="unused.mp4",
-        question="what colour ?",
+        question=question,
         reference=reference,
         completions=completions,
         completion_ids=[[1]] * 4,
@@ -69,6 +75,8 @@ def test_dead_ranker_is_replaced_and_no_group_lost(local_ray, cfg: Config) -> No
     ranked = pool.rank([make_group(i) for i in range(3)])
     assert len(ranked) == 3 and all(g.ranks is not None for g in ranked)
     assert pool.restarts == 1 and set(pool.actors) == {"ranker-1"}
+    stats = pool.stats()
+    assert stats["restarts"] == 1 and stats["groups"] == stats["ok"] == 3 and stats["fallbacks"] == 0
 
 
 def test_nonsense_from_backend_is_counted_not_accepted(local_ray, cfg: Config) -> None:
@@ -77,4 +85,110 @@ def test_nonsense_from_backend_is_counted_not_accepted(local_ray, cfg: Config) -
     ranked = pool.rank([make_group(0, reference=None), make_group(1)])
     assert ranked[0].rank_status == "fallback_tie" and ranked[0].rank_attempts == 1 + cfg.ranker.max_retries
     assert ranked[1].rank_status == "ok"
-    assert pool.stats()["fallback_tie"] == 1
+    stats = pool.stats()
+    assert stats["fallback_tie"] == stats["fallbacks"] == 1 and stats["dropped"] == 0
+    # The workers' counters reach the pool's stats (and so metrics.jsonl and summary.json).
+    assert stats["groups"] == 2 and stats["ok"] == 1
+    assert stats["attempts"] == 2 + cfg.ranker.max_retries and stats["retries"] == cfg.ranker.max_retries
+    assert stats["errors"] == {"ValueError": 1 + cfg.ranker.max_retries} and stats["invalid"] == 0
+    assert stats["deadline_expired"] == 0 and stats["restarts"] == 0
+
+
+@pytest.fixture
+def hanging_judge() -> Iterator[FakeJudgeServer]:
+    """A judge that ranks by the reference, except that it never answers prompts about "poison"."""
+    judge = FakeJudgeServer()
+
+    def reply(prompt: str) -> str:
+        if "poison" in prompt:
+            judge.release.wait(60)
+        return rank_by_reference(prompt)
+
+    judge.reply = reply
+    judge.thread.start()
+    yield judge
+    judge.release.set()
+    judge.httpd.shutdown()
+    judge.httpd.server_close()
+
+
+def judge_config(base_url: str, *overrides: str) -> Config:
+    """One ranker actor with the openai backend against ``base_url``."""
+    return load_config(
+        None,
+        [
+            "rl.group_size=4",
+            "ranker.min_actors=1",
+            "ranker.max_actors=1",
+            "ranker.num_cpus_per_actor=0.25",
+            "ranker.backend=openai",
+            f"ranker.openai_base_url={base_url}",
+            "ranker.openai_timeout_s=30",
+            "ranker.openai_max_concurrency=2",
+            *overrides,
+        ],
+    )
+
+
+def poison_calls(judge: FakeJudgeServer) -> int:
+    with judge.lock:
+        return sum("poison" in body["messages"][-1]["content"] for body in judge.bodies)
+
+
+def test_hung_judge_meets_the_deadline_and_the_pool_moves_on(local_ray, hanging_judge) -> None:
+    # Four connection slots: the two hung requests keep theirs until the client's timeout (30 s).
+    config = judge_config(
+        hanging_judge.base_url, "ranker.group_deadline_s=1.0", "ranker.openai_max_concurrency=4"
+    )
+    pool = RankerPool(config)
+    groups = [
+        make_group(0, question="poison?"),
+        make_group(1),
+        make_group(2, question="poison!"),
+        make_group(3),
+    ]
+    start = time.perf_counter()
+    ranked = pool.rank(groups)
+    assert time.perf_counter() - start < 60  # not the 30 s client timeout per request, nor forever
+    assert [g.rank_status for g in ranked] == ["fallback_tie", "ok", "fallback_tie", "ok"]
+    assert ranked[1].ranks == [2.5, 0.0, 1.0, 2.5]
+    stats = pool.stats()
+    assert stats["deadline_expired"] == stats["fallbacks"] == 2 and stats["ok"] == 2
+    assert stats["restarts"] == 0 and stats["errors"] == {}
+    ray.kill(pool.actors["ranker-0"])
+
+
+def test_a_group_that_kills_its_rankers_gets_the_fallback(local_ray, hanging_judge) -> None:
+    """Each ranker actor that asks about the poison group is killed from outside, as a crash would;
+    its chunk-mate is ranked alone after the first death, the poison group gets the fallback after
+    MAX_ACTOR_DEATHS."""
+    pool = RankerPool(judge_config(hanging_judge.base_url))
+
+    def killer() -> None:
+        for k in range(MAX_ACTOR_DEATHS):
+            deadline = time.monotonic() + 120
+            while poison_calls(hanging_judge) <= k and time.monotonic() < deadline:
+                time.sleep(0.05)
+            ray.kill(ray.get_actor(f"ranker-{k}"))
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    ranked = pool.rank([make_group(0, question="poison?"), make_group(1)])
+    thread.join(timeout=10)
+    assert [g.rank_status for g in ranked] == ["fallback_tie", "ok"]
+    assert ranked[0].ranks == [1.5] * 4 and ranked[1].ranks == [2.5, 0.0, 1.0, 2.5]
+    assert poison_calls(hanging_judge) == MAX_ACTOR_DEATHS
+    stats = pool.stats()
+    assert stats["restarts"] == MAX_ACTOR_DEATHS and pool.restarts == MAX_ACTOR_DEATHS
+    assert stats["groups"] == 2 and stats["ok"] == 1 and stats["fallbacks"] == stats["fallback_tie"] == 1
+    assert set(pool.actors) == {f"ranker-{MAX_ACTOR_DEATHS}"}
+    ray.kill(pool.actors[f"ranker-{MAX_ACTOR_DEATHS}"])
+
+
+def test_a_ranker_that_cannot_start_stops_the_run_with_its_reason(local_ray, tmp_path) -> None:
+    missing = tmp_path / "no-such-key"
+    pool = RankerPool(judge_config("http://127.0.0.1:9/v1", f"ranker.openai_api_key_file={missing}"))
+    with pytest.raises(RuntimeError, match=r"ranker actor ranker-0 could not start") as info:
+        pool.rank([make_group(0)])
+    assert f"ranker.openai_api_key_file: cannot read {missing}" in str(info.value)
+    assert pool.restarts == 0

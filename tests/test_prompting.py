@@ -91,3 +91,16 @@ def test_structured_output_constraint_choice_then_regex() -> None:
     assert structured_output_constraint(MAX_CHOICE_GROUP_SIZE + 1) == {
         "regex": ordering_regex(MAX_CHOICE_GROUP_SIZE + 1)
     }
+
+
+def test_parser_refuses_huge_and_padded_indices_quickly() -> None:
+    """An index of thousands of digits is refused as out of range, not handed to int() (which would
+    raise a plain ValueError past 4300 digits); leading zeros still read as the index they pad."""
+    huge = "ranking: " + "9" * 100_000 + " > 0 > 1 > 2"
+    with pytest.raises(InvalidOrdering, match=r"index 9999999999\.\.\. out of range 0\.\.3") as info:
+        parse_ordering(huge, 4)
+    assert len(str(info.value)) < 400
+    with pytest.raises(InvalidOrdering, match="index 0000000004 out of range"):
+        parse_ordering("ranking: 0000000004 > 0 > 1 > 2", 4)
+    assert parse_ordering("ranking: 003 > 0 > 1 > 2", 4) == [3, 0, 1, 2]
+    assert parse_ordering("ranking: 11 > " + " > ".join(str(i) for i in range(11)), 12)[0] == 11

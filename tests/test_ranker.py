@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
+import time
+from collections import Counter
 
 import pytest
 import torch
 
 from rlaif_ray.algo.advantages import ranks_from_orderings
-from rlaif_ray.config import RankerConfig
+from rlaif_ray.config import ConfigError, RankerConfig, load_config
 from rlaif_ray.groups import Group
 from rlaif_ray.ranker import (
     GroundTruthRanker,
@@ -238,9 +241,8 @@ def test_worker_drops_when_configured() -> None:
     assert [g.rank_status for g in groups] == ["dropped"] * 3
     assert all(g.ranks is None and g.rank_attempts == 2 for g in groups)
     stats = worker.stats()
-    assert (
-        stats["dropped"] == 3 and stats["fallbacks"] == 0 and stats["attempts"] == 6 and stats["invalid"] == 6
-    )
+    assert stats["dropped"] == 3 and stats["fallbacks"] == 3 and stats["fallback_tie"] == 0
+    assert stats["attempts"] == 6 and stats["invalid"] == 6 and stats["deadline_expired"] == 0
 
 
 def test_worker_never_accepts_an_invalid_ordering_object() -> None:
@@ -280,6 +282,136 @@ def test_worker_rejects_groups_of_the_wrong_size() -> None:
     worker = RankerWorker(RankerConfig(), group_size=4)
     with pytest.raises(ValueError, match="has 3 answers; this ranker expects 4"):
         worker.rank_group(make_group(["a", "b", "c"]))
+
+
+class HangingRanker(RankerBackend):
+    """Hangs on groups whose question starts with "hang" until released (then fails), ranks the others
+    with the ground-truth rule; counts its calls per question."""
+
+    def __init__(self, concurrency: int = 1) -> None:
+        self.concurrency = concurrency
+        self.release = threading.Event()
+        self.calls: Counter[str] = Counter()
+        self.lock = threading.Lock()
+
+    def rank(self, question: str, reference: str | None, candidates: list[str]) -> Ordering:
+        with self.lock:
+            self.calls[question] += 1
+        if question.startswith("hang"):
+            self.release.wait(30)
+            raise ConnectionError("the judge hung up")
+        return GroundTruthRanker().rank(question, reference, candidates)
+
+
+def wait_for_threads_to_end(prefix: str, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while any(t.name.startswith(prefix) for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_deadline_gives_a_hung_group_the_fallback_and_moves_on(caplog: pytest.LogCaptureFixture) -> None:
+    backend = HangingRanker()
+    worker = RankerWorker(RankerConfig(max_retries=2, group_deadline_s=0.3), group_size=4, backend=backend)
+    groups = [make_group(["blue", "red circle", "red", "Red circle"], group_id=f"d{i}") for i in range(3)]
+    groups[1].question = "hang: what shape is moving?"
+    start = time.perf_counter()
+    try:
+        with caplog.at_level(logging.WARNING, logger="rlaif_ray.ranker.worker"):
+            ranked = worker.rank_groups(groups)
+        elapsed = time.perf_counter() - start
+    finally:
+        backend.release.set()
+    assert [g.rank_status for g in ranked] == ["ok", "fallback_tie", "ok"]
+    assert ranked[1].ranks == [1.5] * 4 and ranked[1].rank_attempts == 1
+    assert ranked[0].ranks == ranked[2].ranks == [3.0, 0.5, 2.0, 0.5]
+    assert 0.3 <= ranked[1].rank_s <= elapsed < 10  # the group behind the hung one was not held up for good
+    stats = worker.stats()
+    assert stats["deadline_expired"] == 1 and stats["fallbacks"] == stats["fallback_tie"] == 1
+    assert stats["ok"] == 2 and stats["errors"] == {}
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1
+    assert "group d1 passed its deadline of 0.3 s" in messages[0] and "no answer yet" in messages[0]
+    # Released, the abandoned call fails; it is not counted and starts no further attempt.
+    wait_for_threads_to_end("rank-d1")
+    assert backend.calls["hang: what shape is moving?"] == 1
+    assert worker.stats()["errors"] == {} and len(caplog.records) == 1
+
+
+def test_deadline_frees_the_slots_of_a_concurrent_backend() -> None:
+    backend = HangingRanker(concurrency=2)
+    worker = RankerWorker(RankerConfig(group_deadline_s=0.3), group_size=2, backend=backend)
+    groups = [make_group(["red circle", "blue"], group_id=f"c{i}") for i in range(5)]
+    for group in groups[:4]:
+        group.question = f"hang {group.group_id}"
+    try:
+        ranked = worker.rank_groups(groups)
+    finally:
+        backend.release.set()
+    assert [g.rank_status for g in ranked] == ["fallback_tie"] * 4 + ["ok"]
+    # Two at a time: two waves of hung groups expire before the last group starts.
+    waves = sorted(g.rank_s for g in ranked[:4])
+    assert waves[0] >= 0.3 and waves[2] >= waves[1] + 0.25  # the second wave started when the first expired
+    assert waves[3] <= ranked[4].rank_s < 10
+    assert worker.stats()["deadline_expired"] == 4
+
+
+class SlowNonsense(RankerBackend):
+    """Answers out of format after ``delay_s``."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+
+    def rank(self, question: str, reference: str | None, candidates: list[str]) -> Ordering:
+        time.sleep(self.delay_s)
+        return parse_ordering("I would rather not say.", len(candidates))
+
+
+def test_deadline_bounds_the_retries_of_a_slow_invalid_judge(caplog: pytest.LogCaptureFixture) -> None:
+    worker = RankerWorker(
+        RankerConfig(max_retries=1000, group_deadline_s=0.5, fallback="drop"),
+        group_size=3,
+        backend=SlowNonsense(0.1),
+    )
+    with caplog.at_level(logging.WARNING, logger="rlaif_ray.ranker.worker"):
+        group = worker.rank_group(make_group(["a", "b", "c"], group_id="slow"))
+    assert group.rank_status == "dropped" and group.ranks is None
+    assert 2 <= group.rank_attempts <= 7 and 0.5 <= group.rank_s < 5
+    stats = worker.stats()
+    assert stats["deadline_expired"] == stats["dropped"] == stats["fallbacks"] == 1
+    assert stats["invalid"] in (group.rank_attempts - 1, group.rank_attempts)  # the last may be cut off
+    assert stats["retries"] == group.rank_attempts - 1
+    last = caplog.records[-1].getMessage()
+    assert "group slow passed its deadline" in last and "InvalidOrdering: no 'ranking:' line" in last
+    assert last.endswith("dropped (ranker.fallback=drop)")
+    wait_for_threads_to_end("rank-slow")
+
+
+def test_rank_chunk_reports_what_grew_since_the_last_chunk() -> None:
+    worker = RankerWorker(RankerConfig(max_retries=1), group_size=3)
+    first, counts1 = worker.rank_chunk([make_group(["a", "red circle", "b"], group_id="x")])
+    second, counts2 = worker.rank_chunk(
+        [make_group(["a", "b", "c"], reference=None, group_id="y"), make_group(["a", "b", "c"], group_id="z")]
+    )
+    assert first[0].rank_status == "ok" and [g.rank_status for g in second] == ["fallback_tie", "ok"]
+    assert counts1 == {"groups": 1, "ok": 1, "attempts": 1, "errors": {}}
+    assert counts2 == {
+        "groups": 2,
+        "ok": 1,
+        "attempts": 3,
+        "retries": 1,
+        "fallbacks": 1,
+        "fallback_tie": 1,
+        "errors": {"ValueError": 2},
+    }
+    stats = worker.stats()
+    for key in ("groups", "ok", "attempts", "retries", "fallbacks"):
+        assert stats[key] == counts1.get(key, 0) + counts2.get(key, 0)
+
+
+def test_deadline_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match=r"'ranker.group_deadline_s' = 0.0: expected seconds > 0"):
+        load_config(None, ["ranker.group_deadline_s=0"])
+    assert load_config(None, ["ranker.group_deadline_s=2.5"]).ranker.group_deadline_s == 2.5
 
 
 # --------------------------------------------------------------------------- local judge

@@ -2,13 +2,16 @@
 
 The server (stdlib ``ThreadingHTTPServer``) answers POST /v1/chat/completions. Its behaviour is
 scripted per test: rank the candidates it reads from the prompt with the ground-truth rule, answer
-garbage, fail the first k calls with an HTTP status, or sleep before answering. It records the
-Authorization headers, the request bodies and the most requests it had in flight at once.
+garbage (or no content at all), fail the first k calls with an HTTP status, sleep before answering,
+or hang until released. It records the Authorization headers, the request bodies and the most
+requests it had in flight at once. With ``expected_key`` it answers 401 to any other key, and with
+``echo_key`` its error messages repeat the Authorization header it got, as a careless proxy might.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 import time
@@ -20,6 +23,7 @@ import pytest
 from rlaif_ray.algo.advantages import ranks_from_orderings
 from rlaif_ray.config import RankerConfig
 from rlaif_ray.groups import Group
+from rlaif_ray.learner.engine import free_port
 from rlaif_ray.ranker import GroundTruthRanker, OpenAIRanker, RankerWorker, format_ordering, make_backend
 from rlaif_ray.ranker.prompting import ordering_lines, ordering_regex
 
@@ -40,10 +44,13 @@ class FakeJudgeServer:
     """A scriptable OpenAI-compatible chat-completions server on an ephemeral port."""
 
     def __init__(self) -> None:
-        self.reply: Callable[[str], str] = rank_by_reference
+        self.reply: Callable[[str], str | None] = rank_by_reference
         self.fail_first = 0
         self.fail_status = 500
         self.delay_s = 0.0
+        self.expected_key: str | None = None
+        self.echo_key = False
+        self.release = threading.Event()  # set at teardown: ends every delay and hang at once
         self.calls = 0
         self.in_flight = 0
         self.max_in_flight = 0
@@ -68,10 +75,13 @@ class FakeJudgeServer:
             self.auth_headers.append(authorization)
             self.bodies.append(body)
         try:
-            time.sleep(self.delay_s)
+            self.release.wait(self.delay_s)
+            echo = f" (request had Authorization: {authorization})" if self.echo_key else ""
+            if self.expected_key is not None and authorization != f"Bearer {self.expected_key}":
+                return 401, {"error": {"message": f"invalid API key{echo}", "type": "invalid_request_error"}}
             if call <= self.fail_first:
                 return self.fail_status, {
-                    "error": {"message": f"scripted failure {call}", "type": "server_error"}
+                    "error": {"message": f"scripted failure {call}{echo}", "type": "server_error"}
                 }
             content = self.reply(body["messages"][-1]["content"])
             return 200, {
@@ -122,6 +132,7 @@ def server() -> Iterator[FakeJudgeServer]:
     judge = FakeJudgeServer()
     judge.thread.start()
     yield judge
+    judge.release.set()
     judge.httpd.shutdown()
     judge.httpd.server_close()
 
@@ -156,6 +167,11 @@ def make_group(completions: list[str], group_id: str = "g0", reference: str | No
 
 
 ANSWERS = ["blue square", "red circle", "red square", "Red circle."]
+
+
+def worker_messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The messages the ranker worker logged (the backend's own lines left out)."""
+    return [r.getMessage() for r in caplog.records if r.name == "rlaif_ray.ranker.worker"]
 
 
 def test_ranks_a_group_through_http(server: FakeJudgeServer, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -278,3 +294,102 @@ def test_semaphore_bounds_direct_callers(server: FakeJudgeServer) -> None:
         thread.join()
     assert results == [[1, 0]] * 4
     assert server.calls == 4 and server.max_in_flight == 2
+
+
+@pytest.mark.parametrize(
+    ("reply", "problem"),
+    [
+        ("ranking: 1 = 3 > 2", r"indices [0] missing"),
+        ("ranking: 1 = 3 > 2 > 0 > 1", "index 1 appears twice"),
+        ("ranking: 1 = 3 > 2 > 4", "index 4 out of range 0..3"),
+        ("The second answer is the best one, then the fourth.", "no 'ranking:' line"),
+        ('{"ranking": [1, 3, 2, 0]}', "no 'ranking:' line"),
+        ("", "no 'ranking:' line in judge answer ''"),
+        (None, "no 'ranking:' line in judge answer ''"),  # a reply without content
+    ],
+)
+def test_each_bad_answer_is_retried_logged_counted_then_falls_back(
+    server: FakeJudgeServer, caplog: pytest.LogCaptureFixture, reply: str | None, problem: str
+) -> None:
+    server.reply = lambda prompt: reply
+    worker = RankerWorker(openai_cfg(server, max_retries=1), group_size=4)
+    with caplog.at_level(logging.WARNING, logger="rlaif_ray.ranker.worker"):
+        group = worker.rank_group(make_group(ANSWERS, group_id="bad-7"))
+    assert group.rank_status == "fallback_tie" and group.ranks == [1.5] * 4 and group.rank_attempts == 2
+    assert server.calls == 2
+    stats = worker.stats()
+    assert stats["invalid"] == 2 and stats["retries"] == 1 and stats["fallbacks"] == 1
+    assert stats["errors"] == {"InvalidOrdering": 2} and stats["deadline_expired"] == 0
+    messages = worker_messages(caplog)
+    assert len(messages) == 3 and all("group bad-7 " in m and problem in m for m in messages)
+    assert messages[-1].endswith("fallback_tie (ranker.fallback=tie)")
+
+
+@pytest.mark.parametrize(("status", "error"), [(500, "InternalServerError"), (429, "RateLimitError")])
+def test_persistent_http_errors_fall_back_after_the_documented_bound(
+    server: FakeJudgeServer, status: int, error: str
+) -> None:
+    server.fail_first, server.fail_status = 100, status
+    worker = RankerWorker(openai_cfg(server, max_retries=1, openai_max_retries=1), group_size=4)
+    group = worker.rank_group(make_group(ANSWERS))
+    assert group.rank_status == "fallback_tie" and group.rank_attempts == 2
+    assert server.calls == 4  # (1 + max_retries) * (1 + openai_max_retries)
+    stats = worker.stats()
+    assert stats["errors"] == {error: 2} and stats["transport_retries"] == 2 and stats["fallbacks"] == 1
+
+
+def test_connection_refused_is_retried_with_backoff_then_falls_back(caplog: pytest.LogCaptureFixture) -> None:
+    port = free_port()  # bound and released: nothing listens there
+    cfg = RankerConfig(
+        backend="openai",
+        openai_base_url=f"http://127.0.0.1:{port}/v1",
+        openai_timeout_s=2.0,
+        openai_backoff_s=0.05,
+        openai_max_retries=2,
+        max_retries=1,
+    )
+    worker = RankerWorker(cfg, group_size=4)
+    start = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="rlaif_ray.ranker"):
+        group = worker.rank_group(make_group(ANSWERS, group_id="refused"))
+    assert time.perf_counter() - start >= 2 * (0.05 + 0.1)  # each attempt backed off 0.05 s, then 0.1 s
+    assert group.rank_status == "fallback_tie" and group.rank_attempts == 2
+    stats = worker.stats()
+    assert stats["errors"] == {"APIConnectionError": 2} and stats["transport_retries"] == 4
+    assert stats["fallbacks"] == 1 and stats["invalid"] == 0
+    messages = [r.getMessage() for r in caplog.records]
+    retries = [m for m in messages if m.startswith("openai ranker: request to")]
+    assert len(retries) == 4 and all(f"127.0.0.1:{port}" in m and "retry" in m for m in retries)
+    last = messages[-1]
+    assert last.startswith("ranker: group refused has no valid ordering after 2 attempt(s)")
+    assert "APIConnectionError: Connection error. (ConnectError:" in last and "refused" in last
+
+
+def test_a_hung_judge_meets_the_group_deadline(
+    server: FakeJudgeServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.delay_s = 60  # until the fixture releases it: longer than the client's timeout below
+    cfg = openai_cfg(server, openai_timeout_s=30, group_deadline_s=0.5, max_retries=2)
+    worker = RankerWorker(cfg, group_size=4)
+    start = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="rlaif_ray.ranker.worker"):
+        groups = worker.rank_groups([make_group(ANSWERS, group_id=f"h{i}") for i in range(3)])
+    elapsed = time.perf_counter() - start
+    assert [g.rank_status for g in groups] == ["fallback_tie"] * 3
+    assert elapsed < 10  # two at a time (openai_max_concurrency=2): about 1 s, not 30 s per request
+    # h0 and h1 were asked once (no attempt starts after a deadline); h2 waited for a connection
+    # slot, which the two hung requests still hold until the client's timeout.
+    assert server.calls == 2
+    stats = worker.stats()
+    assert stats["deadline_expired"] == 3 and stats["errors"] == {}
+    messages = worker_messages(caplog)
+    assert len(messages) == 3
+    assert all(f"group h{i} passed its deadline of 0.5 s" in m for i, m in enumerate(messages))
+    assert all("during attempt 1 (no answer yet)" in m for m in messages)
+    server.delay_s, server.reply = 0.0, lambda prompt: "no ranking"
+    server.release.set()  # the hung requests are answered; the abandoned threads end quietly
+    deadline = time.monotonic() + 10
+    while any(t.name.startswith("rank-h") for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(t.name.startswith("rank-h") for t in threading.enumerate())
+    assert server.calls == 3 and worker.stats()["errors"] == {} and len(worker_messages(caplog)) == 3

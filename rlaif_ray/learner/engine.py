@@ -56,6 +56,39 @@ def init_distributed(
     )
 
 
+class FiniteAdamW(torch.optim.AdamW):
+    """AdamW that skips any step whose gradients hold a NaN or an inf on any rank, or for which a
+    rank set ``skip_next`` (a non-finite loss: its gradients can still be finite, e.g. through a
+    clamp).
+
+    DeepSpeed calls ``step`` on the ranks' gradient partitions at the same moment, so the check is
+    one all-reduce (MAX) of a 0/1 flag: every rank skips, or none does. A skipped step leaves the
+    parameters and the moments untouched, so a bad number never reaches the weights that are
+    broadcast or saved. (DeepSpeed's ZeRO-1/2 optimizer skips a step with a non-finite gradient
+    norm on its own before calling this, except in bf16.) ``applied`` counts the steps taken: a
+    caller compares it before and after ``engine.step()`` to learn whether the update happened.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.applied = 0
+        self.skip_next = False
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        bad = self.skip_next or any(not bool(torch.isfinite(g).all()) for g in grads)
+        self.skip_next = False
+        device = grads[0].device if grads else torch.device("cpu")
+        flag = torch.tensor([1.0 if bad else 0.0], device=device)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item():
+            return None
+        self.applied += 1
+        return super().step(closure)
+
+
 def deepspeed_config(
     zero_stage: int,
     micro_batch_size: int,
@@ -96,14 +129,15 @@ def build_engine(
     dtype: str = "float32",
     zero3_persistence_threshold: int = 100_000,
 ) -> Any:
-    """Wrap ``model`` in a DeepSpeed engine with AdamW over its trainable parameters."""
+    """Wrap ``model`` in a DeepSpeed engine with AdamW over its trainable parameters (a
+    :class:`FiniteAdamW`, reachable as ``engine.basic_optimizer``)."""
     import deepspeed
 
     world_size = torch.distributed.get_world_size()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = FiniteAdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +147,9 @@ class LearnerWorker:
         # The warm-start adapter becomes the frozen reference of the KL penalty.
         if (Path(self.model_dir) / ADAPTER_DIR).is_dir():
             self.policy.freeze_reference()
-        self.store = FrameStore(cfg.model.num_frames, self.policy.image_size)
+        self.store = FrameStore(
+            cfg.model.num_frames, self.policy.image_size, max_pixels=cfg.data.max_video_pixels
+        )
         self.engine = build_engine(
             self.policy,
             lr=lc.lr,
@@ -181,7 +184,13 @@ class LearnerWorker:
         start = time.time()
         self.engine.eval()
         rows, stats = build_rows(groups, self.cfg)
-        rows = [r for r in rows if self.store.for_example(r.video)[0]]
+        # Rows whose video cannot be used here are dropped and counted (the store warns once per
+        # video and counts it by reason).
+        usable = [r for r in rows if self.store.for_example(r.video)[0]]
+        stats["rows_bad_video"] = float(len(rows) - len(usable))
+        stats["skipped_videos"] = float(self.store.skipped_videos)
+        stats.update({f"skipped_videos_{k}": float(n) for k, n in self.store.skipped_by_reason.items()})
+        rows = usable
         stats["rows"] = float(len(rows))
         if len(rows) < self.world_size:
             stats.update({"skipped_step": 1.0, "learn_s": time.time() - start})
@@ -200,20 +209,31 @@ class LearnerWorker:
         # Under ZeRO-3 the extra forward is a collective: every rank runs it, real rows or not.
         prox = [self._prox_logprobs(chunk or mine[:1]) if off_policy else None for chunk in chunks]
         stats.update({"lag_max": float(max(lags)), "lag_mean": sum(lags) / len(lags)})
+        optimizer = self.engine.basic_optimizer
+        applied_before = optimizer.applied
         for _ in range(self.cfg.learner.epochs_per_batch):
+            optimizer.skip_next = False  # DeepSpeed may have skipped the last step without calling it
             for chunk, chunk_prox in zip(chunks, prox, strict=True):
                 # An empty share still runs (with zero weight): every rank must reduce gradients.
                 micro_stats = self._micro_step(
                     chunk or mine[:1], bool(chunk), global_count, n_micro, chunk_prox
                 )
+                if chunk and not math.isfinite(micro_stats["loss"]):
+                    optimizer.skip_next = True  # every rank skips this epoch's update
                 for key, value in micro_stats.items():
                     if chunk and key == "ratio_max":
                         totals[key] = max(totals.get(key, 0.0), value)
                     elif chunk:
                         totals[key] = totals.get(key, 0.0) + value / real_chunks
                 self.engine.step()
-        self.version += 1
+        applied = optimizer.applied - applied_before
         stats.update(totals)
+        stats["skipped_nonfinite"] = float(self.cfg.learner.epochs_per_batch - applied)
+        if not applied:  # a NaN or inf: the weights are untouched, no new version
+            log.warning("a NaN or inf in the loss or the gradients: update skipped (weights unchanged)")
+            stats.update({"skipped_step": 1.0, "learn_s": time.time() - start})
+            return stats
+        self.version += 1
         grad_norm = self.engine.get_global_grad_norm()
         stats.update(
             {
@@ -314,6 +334,45 @@ class LearnerWorker:
         """
         with gathered_trainable(self.policy):
             return self.policy.trainable_state_dict() if self.rank == 0 else None
+
+    def save_state(self, folder: str) -> str:
+        """Everything a restore needs, under ``folder``: the policy files (rank 0, as :meth:`save`),
+        DeepSpeed's checkpoint of the trainable parameters, optimizer and scheduler (each rank
+        its own partition; the frozen model is not written: it comes from the warm start), the
+        weight version and this rank's RNG states. Every rank must call it at once."""
+        self.save(folder)
+        self.engine.save_checkpoint(
+            str(Path(folder) / "deepspeed"),
+            tag="state",
+            client_state={"version": self.version},
+            save_latest=False,
+            exclude_frozen_parameters=True,
+        )
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        torch.save(rng, Path(folder) / f"learner_rng_rank{self.rank}.pt")
+        return folder
+
+    def load_state(self, folder: str, version: int | None = None) -> int:
+        """Restore what :meth:`save_state` wrote (after :meth:`setup`, on every rank at once).
+
+        ``version`` (the driver passes one above every version served so far) replaces the saved
+        weight version, so that the next update publishes a version no rollout engine has seen.
+        """
+        _, client = self.engine.load_checkpoint(
+            str(Path(folder) / "deepspeed"), tag="state", load_module_strict=False
+        )
+        if client is None:
+            raise RuntimeError(f"no DeepSpeed checkpoint under {folder}/deepspeed")
+        rng = torch.load(Path(folder) / f"learner_rng_rank{self.rank}.pt", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        self.version = int(client["version"]) if version is None else version
+        return self.version
+
+    def set_version(self, version: int) -> int:
+        """Publish the next update as ``version + 1`` (learners restored from the warm start)."""
+        self.version = version
+        return version
 
     def save(self, folder: str) -> str:
         """Write a checkpoint (peft adapter + projector + policy.json) that every tool here loads.

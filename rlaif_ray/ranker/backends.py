@@ -8,7 +8,8 @@ see :mod:`rlaif_ray.ranker.prompting`) and is built from the config with :func:`
 * ``openai``: any OpenAI-compatible chat-completions endpoint.
 
 Backends may raise (invalid answer, transport error); :class:`rlaif_ray.ranker.worker.RankerWorker`
-counts that as a failed attempt, retries and falls back.
+counts that as a failed attempt, retries and falls back. A backend's ``concurrency`` says how many
+groups the worker may rank at once with it (threads calling ``rank``).
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
+from pathlib import Path
 
 import openai
 import torch
@@ -38,39 +38,24 @@ from rlaif_ray.ranker.prompting import (
 log = logging.getLogger(__name__)
 
 
-class RankRequest(NamedTuple):
-    """One group to rank: the question, the reference answer (None when unknown) and the candidates."""
-
-    question: str
-    reference: str | None
-    candidates: list[str]
-
-
 class RankerBackend(abc.ABC):
-    """The interface every backend implements; ``name`` is set by :func:`register_backend`."""
+    """The interface every backend implements; ``name`` is set by :func:`register_backend`.
+
+    ``concurrency``: how many threads may call :meth:`rank` at once (1 unless a backend can
+    overlap calls). ``transport_retries``: requests the backend itself retried (0 if it never does).
+    """
 
     name: str = ""
+    concurrency: int = 1
+    transport_retries: int = 0
 
     @abc.abstractmethod
     def rank(self, question: str, reference: str | None, candidates: list[str]) -> Ordering:
         """Order ``candidates`` best first (ties allowed); raise when no ordering can be given."""
 
-    def rank_many(self, requests: list[RankRequest]) -> list[Ordering | Exception]:
-        """Rank several groups; each result is the ordering or the exception its ``rank`` raised.
-
-        Sequential here; backends that can overlap calls (``openai``) override it.
-        """
-        return [self._rank_or_error(request) for request in requests]
-
     def scores(self, reference: str, candidates: list[str]) -> list[float] | None:
         """Per-candidate scores against a known reference, or None for backends that only rank."""
         return None
-
-    def _rank_or_error(self, request: RankRequest) -> Ordering | Exception:
-        try:
-            return self.rank(*request)
-        except Exception as exc:  # the worker counts and logs every kind of failure
-            return exc
 
 
 _BACKENDS: dict[str, Callable[[RankerConfig], RankerBackend]] = {}
@@ -203,6 +188,54 @@ class JudgeRanker(RankerBackend):
 # --------------------------------------------------------------------------- OpenAI-compatible API
 
 _RETRY_STATUS = {408, 429}
+_NO_KEY = "EMPTY"  # what local servers (vLLM) accept when they were started without a key
+
+
+def read_api_key(cfg: RankerConfig) -> str:
+    """The API key: the first line of ``cfg.openai_api_key_file`` when set, else the environment
+    variable ``cfg.openai_api_key_env``, else ``"EMPTY"`` (local servers). Errors name the file or
+    the variable, never the key."""
+    if cfg.openai_api_key_file:
+        path = Path(cfg.openai_api_key_file)
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as exc:
+            raise ValueError(
+                f"ranker.openai_api_key_file: cannot read {path}: {exc.strerror or type(exc).__name__}"
+            ) from None
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise ValueError(f"ranker.openai_api_key_file: {path} is empty (its first line must be the key)")
+        return key
+    key = os.environ.get(cfg.openai_api_key_env, "").strip()
+    if not key:
+        log.warning(
+            "openai ranker: environment variable %s is not set and ranker.openai_api_key_file is not "
+            "given: sending no API key (fine for a local server started without one)",
+            cfg.openai_api_key_env,
+        )
+        return _NO_KEY
+    return key
+
+
+def redact(text: str, secret: str) -> str:
+    """``text`` with every occurrence of ``secret`` replaced by ``***``."""
+    return text.replace(secret, "***") if secret and secret != _NO_KEY else text
+
+
+def _clean(exc: openai.APIError, secret: str) -> openai.APIError:
+    """``exc`` made fit to log (in place): a transport error's message gains its cause ("Connection
+    error." says too little), and ``secret`` is removed from its message, arguments and body (a
+    server or proxy may echo the key it was sent; the worker logs and counts the exception)."""
+    cause = exc.__cause__
+    if isinstance(exc, openai.APIConnectionError) and cause is not None and str(cause) not in exc.message:
+        exc.message = f"{exc.message} ({type(cause).__name__}: {cause})"
+        exc.args = (exc.message, *exc.args[1:])
+    exc.message = redact(exc.message, secret)
+    exc.args = tuple(redact(a, secret) if isinstance(a, str) else a for a in exc.args)
+    if exc.body is not None and redact(str(exc.body), secret) != str(exc.body):
+        exc.body = redact(str(exc.body), secret)
+    return exc
 
 
 def _is_transient(exc: Exception) -> bool:
@@ -218,12 +251,12 @@ def _is_transient(exc: Exception) -> bool:
 class OpenAIRanker(RankerBackend):
     """Any OpenAI-compatible chat-completions endpoint, prompted listwise and parsed strictly.
 
-    The API key comes from the environment variable ``cfg.openai_api_key_env`` ("EMPTY" when unset,
-    for local servers). Transient failures are retried here with exponential back-off
-    (``cfg.openai_backoff_s * 2**k``, at most ``cfg.openai_max_retries`` times; the client's own
-    retries are off). An answer that is no valid ordering is the worker's to retry
+    The API key comes from :func:`read_api_key` (a file or an environment variable) and is scrubbed
+    from every error this backend raises or logs. Transient failures are retried here with
+    exponential back-off (``cfg.openai_backoff_s * 2**k``, at most ``cfg.openai_max_retries`` times;
+    the client's own retries are off). An answer that is no valid ordering is the worker's to retry
     (``cfg.max_retries``). At most ``cfg.openai_max_concurrency`` requests are in flight per
-    backend, and :meth:`rank_many` overlaps that many groups.
+    backend (``concurrency``: the worker ranks that many groups at once).
 
     With ``cfg.openai_structured_output`` each request carries vLLM's ``structured_outputs`` field
     (:func:`rlaif_ray.ranker.prompting.structured_output_constraint`), so the server can only
@@ -235,10 +268,11 @@ class OpenAIRanker(RankerBackend):
         self.temperature = cfg.openai_temperature
         self.max_retries = cfg.openai_max_retries
         self.backoff_s = cfg.openai_backoff_s
-        self.max_concurrency = cfg.openai_max_concurrency
+        self.concurrency = cfg.openai_max_concurrency
         self.structured_output = cfg.openai_structured_output
+        self._api_key = read_api_key(cfg)
         self.client = openai.OpenAI(
-            api_key=os.environ.get(cfg.openai_api_key_env) or "EMPTY",
+            api_key=self._api_key,
             base_url=cfg.openai_base_url,
             timeout=cfg.openai_timeout_s,
             max_retries=0,
@@ -265,10 +299,19 @@ class OpenAIRanker(RankerBackend):
                     )
                 return response.choices[0].message.content or ""
             except openai.APIError as exc:
+                _clean(exc, self._api_key)
                 if attempt >= self.max_retries or not _is_transient(exc):
                     raise
                 delay = self.backoff_s * 2**attempt
-                log.warning("openai ranker: %s (%s); retrying in %.2fs", type(exc).__name__, exc, delay)
+                log.warning(
+                    "openai ranker: request to %s failed (%s: %s); retry %d/%d in %.2fs",
+                    self.client.base_url,
+                    type(exc).__name__,
+                    exc,
+                    attempt + 1,
+                    self.max_retries,
+                    delay,
+                )
                 with self._lock:
                     self.transport_retries += 1
                 time.sleep(delay)
@@ -278,10 +321,3 @@ class OpenAIRanker(RankerBackend):
         constraint = structured_output_constraint(len(candidates)) if self.structured_output else None
         answer = self.complete(build_ranking_prompt(question, reference, candidates), constraint)
         return parse_ordering(answer, len(candidates))
-
-    def rank_many(self, requests: list[RankRequest]) -> list[Ordering | Exception]:
-        """Rank the groups in a thread pool of ``openai_max_concurrency`` threads."""
-        if len(requests) <= 1 or self.max_concurrency <= 1:
-            return super().rank_many(requests)
-        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(requests))) as pool:
-            return list(pool.map(self._rank_or_error, requests))

@@ -12,14 +12,21 @@ other work and passes each finished reference to :meth:`RankerPool.collect`, whi
 chunk's ranked groups. :meth:`RankerPool.rank` does all of that for one list and returns it in order.
 The pool grows by one actor whenever more than ``ranker.scale_up_backlog`` groups per actor wait,
 and shrinks back to what its peak backlog needed whenever it runs empty. A dead actor is replaced
-and its groups are ranked again, so no group is lost.
+(counted in ``restarts``) and its groups are ranked again, each in a chunk of its own, so no group
+is lost and a group that kills its ranker takes no other group down with it; a group whose ranker
+died under it :data:`MAX_ACTOR_DEATHS` times gets the fallback instead, so that it cannot stall
+the run. An actor that cannot even start (its backend's settings) stops the run with the reason.
+
+:meth:`RankerPool.stats` adds up the workers' counters (:data:`rlaif_ray.ranker.worker.COUNTERS`:
+invalid answers, retries, fallbacks, deadline expiries, ...) chunk by chunk, so they outlive the
+actors; ``launch`` writes them per step to ``metrics.jsonl`` and at the end to ``summary.json``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections import deque
+from collections import Counter, deque
 from typing import Any
 
 import ray
@@ -27,9 +34,12 @@ from ray.exceptions import RayActorError
 
 from rlaif_ray.config import Config
 from rlaif_ray.groups import Group
-from rlaif_ray.ranker.worker import RankerWorker
+from rlaif_ray.ranker.worker import COUNTERS, RankerWorker, apply_fallback
 
 log = logging.getLogger(__name__)
+
+# A group whose ranker actor died this many times while ranking it gets the fallback.
+MAX_ACTOR_DEATHS = 3
 
 
 class RankerPool:
@@ -42,8 +52,11 @@ class RankerPool:
         self.scale_ups = 0
         self.scale_downs = 0
         self.restarts = 0
-        self.counts: dict[str, int] = {"groups": 0, "attempts": 0, "ok": 0, "fallback_tie": 0, "dropped": 0}
+        self.counts: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self._deaths: Counter[str] = Counter()  # group id -> ranker actors that died ranking it
         self._queue: deque[Group] = deque()
+        self._suspects: deque[Group] = deque()  # groups whose ranker died: ranked alone, first
         self._in_flight: dict[Any, tuple[str, list[Group]]] = {}
         self._peak_backlog = 0
         for _ in range(cfg.ranker.min_actors):
@@ -73,7 +86,7 @@ class RankerPool:
     @property
     def backlog(self) -> int:
         """Groups queued and not yet handed to an actor."""
-        return len(self._queue)
+        return len(self._queue) + len(self._suspects)
 
     @property
     def pending(self) -> int:
@@ -104,38 +117,74 @@ class RankerPool:
             log.info("ranker pool: %d groups waiting, added %s (%d actors)", backlog, name, self.size)
         busy = {name for name, _ in self._in_flight.values()}
         for name, actor in list(self.actors.items()):
-            if self._queue and name not in busy:
+            if name in busy:
+                continue
+            if self._suspects:
+                chunk = [self._suspects.popleft()]
+            elif self._queue:
                 size = self._chunk_size()
                 chunk = [self._queue.popleft() for _ in range(min(size, len(self._queue)))]
-                self._in_flight[actor.rank_groups.remote(chunk)] = (name, chunk)
+            else:
+                break
+            self._in_flight[actor.rank_chunk.remote(chunk)] = (name, chunk)
 
     def in_flight(self) -> list[Any]:
         """The object references of the chunks being ranked now (to ``ray.wait`` on)."""
         return list(self._in_flight)
 
     def collect(self, ref: Any) -> list[Group]:
-        """The ranked groups of the finished chunk ``ref`` ([] when its actor died: the chunk is
-        queued again on a replacement actor). Dispatches the next chunks."""
+        """The ranked groups of the finished chunk ``ref``. When its actor died, the actor is replaced
+        and the chunk queued again (only the groups that reached :data:`MAX_ACTOR_DEATHS` come back,
+        with the fallback). Dispatches the next chunks."""
         name, chunk = self._in_flight.pop(ref)
         try:
-            ranked = ray.get(ref)
+            ranked, counts = ray.get(ref)
         except RayActorError as exc:
-            log.warning(
-                "ranker actor %s died (%s); replacing it and re-queueing %d groups", name, exc, len(chunk)
-            )
-            self.actors.pop(name, None)
-            self.restarts += 1
-            self._add_actor()
-            self._queue.extendleft(reversed(chunk))
-            ranked = []
-        for group in ranked:
-            self.counts["groups"] += 1
-            self.counts["attempts"] += group.rank_attempts
-            self.counts[group.rank_status] = self.counts.get(group.rank_status, 0) + 1
+            if exc.actor_init_failed:  # a setting, not a fault: every replacement would fail alike
+                raise RuntimeError(f"ranker actor {name} could not start its backend: {exc}") from exc
+            ranked, counts = self._replace(name, chunk, exc), {}
+        else:
+            for group in ranked:
+                self._deaths.pop(group.group_id, None)
+        errors = counts.pop("errors", {})
+        self.counts.update(counts)
+        self.errors.update(errors)
         if not self.pending:
             self._shrink()
         self.dispatch()
         return ranked
+
+    def _replace(self, name: str, chunk: list[Group], exc: Exception) -> list[Group]:
+        """Replace the dead actor ``name``; queue its chunk's groups again, one chunk each, except the
+        groups it was the :data:`MAX_ACTOR_DEATHS`-th death of: those are returned with the fallback."""
+        self.actors.pop(name, None)
+        self.restarts += 1
+        self._add_actor()
+        again, given_up = [], []
+        for group in chunk:
+            self._deaths[group.group_id] += 1
+            (given_up if self._deaths[group.group_id] >= MAX_ACTOR_DEATHS else again).append(group)
+        log.warning(
+            "ranker actor %s died (%s); replaced it (restart %d) and re-queued %d groups",
+            name,
+            exc,
+            self.restarts,
+            len(again),
+        )
+        self._suspects.extend(again)
+        fallback = self.cfg.ranker.fallback
+        for group in given_up:
+            del self._deaths[group.group_id]
+            status = apply_fallback(group, fallback)
+            log.warning(
+                "ranker: group %s was being ranked by %d ranker actors that died; %s (ranker.fallback=%s)",
+                group.group_id,
+                MAX_ACTOR_DEATHS,
+                status,
+                fallback,
+            )
+            self.counts.update({"groups": 1, "fallbacks": 1, status: 1})
+        return given_up
 
     def rank(self, groups: list[Group]) -> list[Group]:
         """Rank every group and return them in the input order (blocking; group ids must be unique)."""
@@ -162,11 +211,13 @@ class RankerPool:
             log.info("ranker pool: idle, removed %s (%d actors)", name, self.size)
 
     def stats(self) -> dict[str, Any]:
-        """Pool size, scaling events and what happened to the groups ranked so far."""
+        """Pool size, scaling events, ranker actor restarts, and what happened to the groups ranked
+        so far: :data:`rlaif_ray.ranker.worker.COUNTERS` and ``errors`` (failed attempts by kind)."""
         return {
             "actors": self.size,
             "scale_ups": self.scale_ups,
             "scale_downs": self.scale_downs,
             "restarts": self.restarts,
-            **self.counts,
+            **{key: self.counts[key] for key in COUNTERS},
+            "errors": dict(self.errors),
         }

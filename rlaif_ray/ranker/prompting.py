@@ -4,7 +4,8 @@ An *ordering* lists the candidates of a group best first, as tiers: a tier is on
 index or a list of tied indices, e.g. ``[2, [0, 3], 1]``. In text the same ordering is the
 line ``ranking: 2 > 0 = 3 > 1`` (``>`` separates tiers, ``=`` joins tied candidates, indices
 count from 0). The judge must answer with exactly one such line; anything else is rejected
-with :class:`InvalidOrdering` so that the caller can ask again or fall back.
+with :class:`InvalidOrdering` so that the caller can ask again or fall back. The answer is read
+with string operations and ``int`` of ASCII digits only: nothing in it is ever evaluated.
 
 For servers that constrain decoding (vLLM's structured outputs), :func:`structured_output_constraint`
 describes the answer format: every valid line as a ``choice`` for small groups
@@ -113,13 +114,15 @@ def parse_ordering(text: str, group_size: int) -> Ordering:
         for token in tier_text.split("="):
             token = token.strip()
             if not _INDEX.fullmatch(token):
-                what = "an empty tier or tie" if not token else f"{token!r} is not a candidate index"
+                what = "an empty tier or tie" if not token else f"{_quote(token)} is not a candidate index"
                 raise InvalidOrdering(f"{what} in ranking line {_quote(line)} of judge answer {_quote(text)}")
-            index = int(token)
-            if index >= group_size:
+            # Compared as text first: int() of thousands of digits is slow, then refused.
+            if len(token.lstrip("0")) > len(str(group_size)) or int(token) >= group_size:
                 raise InvalidOrdering(
-                    f"index {index} out of range 0..{group_size - 1} in judge answer {_quote(text)}"
+                    f"index {token if len(token) <= 10 else token[:10] + '...'} out of range "
+                    f"0..{group_size - 1} in judge answer {_quote(text)}"
                 )
+            index = int(token)
             if index in seen:
                 raise InvalidOrdering(f"index {index} appears twice in judge answer {_quote(text)}")
             seen.add(index)

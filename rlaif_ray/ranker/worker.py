@@ -3,29 +3,79 @@
 A plain class (no Ray): the ranker actor wraps it, and tests build it directly. An answer is
 accepted only when it is a valid ordering of the group's G candidates (checked with
 :func:`rlaif_ray.algo.advantages.ranks_from_orderings`); any exception from the backend (invalid
-judge text, transport error after the backend's own retries) counts as a failed attempt. After
-``1 + cfg.max_retries`` failed attempts the group gets the configured fallback:
+judge text, transport error after the backend's own retries) counts as a failed attempt and is
+logged with the group's id. A group gets the configured fallback (:func:`apply_fallback`) after
+``1 + cfg.max_retries`` failed attempts, or once it has been ranked for ``cfg.group_deadline_s``
+seconds, whatever the backend is doing then:
 
 * ``tie``: every rank (G - 1) / 2, status ``"fallback_tie"`` (zero advantage, the learner skips it);
 * ``drop``: ranks None, status ``"dropped"`` (the group is discarded).
+
+Each group is ranked in a thread of its own, at most ``backend.concurrency`` at once. That is what
+lets the worker keep its deadline when a backend call hangs: the worker stops waiting for the
+group, and the thread finishes its call in the background (bounded by the backend's own timeouts),
+starts no further attempt, and its result is ignored.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
+from dataclasses import dataclass, field
 from typing import Any
 
 from rlaif_ray.algo.advantages import ranks_from_orderings
 from rlaif_ray.config import RankerConfig
 from rlaif_ray.groups import Group
 from rlaif_ray.logs import setup_logging
-from rlaif_ray.ranker.backends import RankerBackend, RankRequest, make_backend
+from rlaif_ray.ranker.backends import RankerBackend, make_backend
 from rlaif_ray.ranker.prompting import InvalidOrdering, Ordering
 
 log = logging.getLogger(__name__)
+
+# The counters of RankerWorker.stats() and RankerPool.stats(): groups ranked, of which ok or given
+# the fallback (fallback_tie + dropped; deadline_expired of them by the deadline); attempts and
+# re-asks (retries) of the worker; requests the backend retried itself (transport_retries);
+# answers that were no valid ordering (invalid). ``errors`` counts failed attempts by exception.
+COUNTERS = (
+    "groups",
+    "ok",
+    "attempts",
+    "retries",
+    "transport_retries",
+    "invalid",
+    "fallbacks",
+    "fallback_tie",
+    "dropped",
+    "deadline_expired",
+)
+
+
+def apply_fallback(group: Group, fallback: str) -> str:
+    """Give ``group`` the fallback ``"tie"`` (all ranks equal) or ``"drop"`` (ranks None); returns
+    the group's new ``rank_status`` (``"fallback_tie"`` or ``"dropped"``)."""
+    if fallback == "tie":
+        group.ranks = [(group.size - 1) / 2] * group.size
+        group.rank_status = "fallback_tie"
+    else:
+        group.ranks = None
+        group.rank_status = "dropped"
+    return group.rank_status
+
+
+@dataclass(eq=False)
+class _Job:
+    """One group's ranking in progress: written by its thread, read by the worker once settled."""
+
+    group: Group
+    deadline: float  # time.monotonic() at which the group gets the fallback
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    attempts: int = 0
+    ranks: list[float] | None = None
+    last_error: str = ""
 
 
 class RankerWorker:
@@ -35,6 +85,8 @@ class RankerWorker:
         setup_logging()  # the level the driver exported (RankerConfig does not carry it)
         if cfg.fallback not in ("tie", "drop"):
             raise ValueError(f"ranker.fallback must be 'tie' or 'drop', got {cfg.fallback!r}")
+        if cfg.group_deadline_s <= 0:
+            raise ValueError(f"ranker.group_deadline_s must be > 0 seconds, got {cfg.group_deadline_s!r}")
         self.cfg = cfg
         self.group_size = group_size
         self.backend = backend if backend is not None else make_backend(cfg)
@@ -42,16 +94,17 @@ class RankerWorker:
         self._counts: Counter[str] = Counter()
         self._errors: Counter[str] = Counter()
         self._rank_s = 0.0
+        self._reported: tuple[Counter[str], Counter[str]] = (Counter(), Counter())
 
     def rank_group(self, group: Group) -> Group:
         """Fill ``ranks``, ``scores``, ``rank_status``, ``rank_attempts`` and ``rank_s`` of ``group``."""
         return self.rank_groups([group])[0]
 
     def rank_groups(self, groups: list[Group]) -> list[Group]:
-        """Rank several groups (the backend may overlap them, see ``rank_many``); returns them filled.
+        """Rank several groups (``backend.concurrency`` at once); returns them filled.
 
-        Attempts go in rounds: every group still without a valid ordering is asked again, up to
-        ``1 + cfg.max_retries`` rounds. A group's ``rank_s`` is the time until it was settled. When
+        Each group gets up to ``1 + cfg.max_retries`` attempts within ``cfg.group_deadline_s``
+        seconds of its first; its ``rank_s`` is the time from this call until it was settled. When
         the reference is known, ``scores`` come from the backend (None if it only ranks), whatever
         the rank status, so that accuracy can be measured on fallback groups too.
         """
@@ -63,30 +116,23 @@ class RankerWorker:
         for group in groups:
             group.ranks, group.scores, group.rank_status, group.rank_attempts = None, None, "pending", 0
         start = time.perf_counter()
-        max_attempts = 1 + self.cfg.max_retries
-        pending = list(groups)
-        for attempt in range(1, max_attempts + 1):
-            if not pending:
-                break
-            answers = self.backend.rank_many(
-                [RankRequest(g.question, g.reference, g.completions) for g in pending]
-            )
-            elapsed = time.perf_counter() - start
-            failed = []
-            for group, answer in zip(pending, answers, strict=True):
-                group.rank_attempts = attempt
-                try:
-                    group.ranks = self._ranks(answer)
-                except Exception as exc:
-                    self._count_failure(group, attempt, max_attempts, exc)
-                    failed.append(group)
-                else:
-                    group.rank_status = "ok"
-                    group.rank_s = elapsed
-            pending = failed
-        elapsed = time.perf_counter() - start
-        for group in pending:
-            self._fall_back(group, elapsed)
+        settled: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        waiting, running = deque(groups), []
+        while waiting or running:
+            while waiting and len(running) < max(1, self.backend.concurrency):
+                running.append(self._start(waiting.popleft(), settled))
+            timeout = min(job.deadline for job in running) - time.monotonic()
+            try:
+                job = settled.get(timeout=max(0.0, timeout))
+            except queue.Empty:
+                for job in [j for j in running if j.deadline <= time.monotonic()]:
+                    running.remove(job)
+                    job.cancelled.set()
+                    self._expire(job, time.perf_counter() - start)
+                continue
+            if job in running:  # else its deadline passed first: already settled
+                running.remove(job)
+                self._settle(job, time.perf_counter() - start)
         for group in groups:
             if group.reference is not None:
                 group.scores = self.backend.scores(group.reference, group.completions)
@@ -94,24 +140,63 @@ class RankerWorker:
             self._counts["groups"] += len(groups)
             self._counts["ok"] += sum(g.rank_status == "ok" for g in groups)
             self._counts["attempts"] += sum(g.rank_attempts for g in groups)
-            self._counts["retries"] += sum(g.rank_attempts - 1 for g in groups)
-            self._rank_s += elapsed
+            self._counts["retries"] += sum(max(g.rank_attempts - 1, 0) for g in groups)
+            self._rank_s += time.perf_counter() - start
         return groups
 
-    def stats(self) -> dict[str, Any]:
-        """Counters since construction: groups, ok, attempts, retries, invalid, fallbacks, dropped,
-        errors (failed attempts by exception type) and rank_s (wall seconds spent ranking)."""
+    def rank_chunk(self, groups: list[Group]) -> tuple[list[Group], dict[str, Any]]:
+        """:meth:`rank_groups`, and the counters that grew since the previous ``rank_chunk`` (what the
+        pool adds up: a worker's own totals die with its actor)."""
+        ranked = self.rank_groups(groups)
         with self._lock:
-            counts = {
-                key: self._counts[key]
-                for key in ("groups", "ok", "attempts", "retries", "invalid", "fallbacks", "dropped")
-            }
-            return {**counts, "errors": dict(self._errors), "rank_s": self._rank_s}
+            counts, errors = self._snapshot()
+            last_counts, last_errors = self._reported
+            self._reported = (counts, errors)
+        return ranked, {**dict(counts - last_counts), "errors": dict(errors - last_errors)}
 
-    def _ranks(self, answer: Ordering | Exception) -> list[float]:
-        """The ranks of a backend answer, or raise: the backend's exception, or InvalidOrdering."""
-        if isinstance(answer, Exception):
-            raise answer
+    def stats(self) -> dict[str, Any]:
+        """Counters since construction (see :data:`COUNTERS`), ``errors`` (failed attempts by
+        exception type) and ``rank_s`` (wall seconds spent ranking)."""
+        with self._lock:
+            counts, errors = self._snapshot()
+            return {**{key: counts[key] for key in COUNTERS}, "errors": dict(errors), "rank_s": self._rank_s}
+
+    def _snapshot(self) -> tuple[Counter[str], Counter[str]]:
+        """Copies of the counters (the backend's transport retries included); call under the lock."""
+        counts = Counter(self._counts)
+        counts["transport_retries"] = self.backend.transport_retries
+        return counts, Counter(self._errors)
+
+    def _start(self, group: Group, settled: queue.SimpleQueue[_Job]) -> _Job:
+        job = _Job(group, deadline=time.monotonic() + self.cfg.group_deadline_s)
+        thread = threading.Thread(
+            target=self._attempt, args=(job, settled), name=f"rank-{group.group_id}", daemon=True
+        )
+        thread.start()
+        return job
+
+    def _attempt(self, job: _Job, settled: queue.SimpleQueue[_Job]) -> None:
+        """A group's attempts, in its own thread, until one is valid, none are left or it is cancelled."""
+        group, max_attempts = job.group, 1 + self.cfg.max_retries
+        try:
+            for attempt in range(1, max_attempts + 1):
+                if job.cancelled.is_set():
+                    return
+                job.attempts = attempt
+                try:
+                    answer = self.backend.rank(group.question, group.reference, group.completions)
+                    job.ranks = self._ranks(answer)
+                    return
+                except Exception as exc:
+                    if job.cancelled.is_set():  # settled at its deadline: this late failure is moot
+                        return
+                    job.last_error = f"{type(exc).__name__}: {exc}"
+                    self._count_failure(group, attempt, max_attempts, exc)
+        finally:
+            settled.put(job)
+
+    def _ranks(self, answer: Ordering) -> list[float]:
+        """The ranks of a backend answer, or raise InvalidOrdering."""
         try:
             ranks = ranks_from_orderings([answer], self.group_size)
         except ValueError as exc:
@@ -128,21 +213,39 @@ class RankerWorker:
             if isinstance(exc, InvalidOrdering):
                 self._counts["invalid"] += 1
 
-    def _fall_back(self, group: Group, elapsed: float) -> None:
-        group.rank_s = elapsed
-        if self.cfg.fallback == "tie":
-            group.ranks = [(self.group_size - 1) / 2] * self.group_size
-            group.rank_status = "fallback_tie"
-            counter = "fallbacks"
-        else:
-            group.ranks = None
-            group.rank_status = "dropped"
-            counter = "dropped"
+    def _settle(self, job: _Job, elapsed: float) -> None:
+        """Copy a finished job's outcome into its group: its ranks, or the fallback."""
+        group = job.group
+        group.rank_attempts, group.rank_s = job.attempts, elapsed
+        if job.ranks is not None:
+            group.ranks, group.rank_status = job.ranks, "ok"
+            return
+        self._fall_back(
+            job, f"has no valid ordering after {job.attempts} attempt(s) (last: {job.last_error})"
+        )
+
+    def _expire(self, job: _Job, elapsed: float) -> None:
+        """The group's deadline passed: it gets the fallback now, whatever its thread is doing."""
+        job.group.rank_attempts, job.group.rank_s = job.attempts, elapsed
+        last = f"last failure: {job.last_error}" if job.last_error else "no answer yet"
+        self._fall_back(
+            job,
+            f"passed its deadline of {self.cfg.group_deadline_s:g} s (ranker.group_deadline_s) "
+            f"during attempt {job.attempts} ({last})",
+            deadline=True,
+        )
+
+    def _fall_back(self, job: _Job, reason: str, deadline: bool = False) -> None:
+        status = apply_fallback(job.group, self.cfg.fallback)
         log.warning(
-            "ranker: group %s has no valid ordering after %d attempts; %s",
-            group.group_id,
-            group.rank_attempts,
-            group.rank_status,
+            "ranker: group %s %s; %s (ranker.fallback=%s)",
+            job.group.group_id,
+            reason,
+            status,
+            self.cfg.fallback,
         )
         with self._lock:
-            self._counts[counter] += 1
+            self._counts["fallbacks"] += 1
+            self._counts[status] += 1
+            if deadline:
+                self._counts["deadline_expired"] += 1

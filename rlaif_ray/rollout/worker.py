@@ -7,18 +7,25 @@ with the version that produced it.
 
 from __future__ import annotations
 
+import math
+import os
 import time
+from collections import deque
 from typing import Any
 
 import torch
 
 from rlaif_ray.config import Config
 from rlaif_ray.data.dataset import VideoQAExample
-from rlaif_ray.data.frames import FrameStore
+from rlaif_ray.data.frames import BadVideoFractionError, FrameStore
 from rlaif_ray.evaluate import evaluate
 from rlaif_ray.groups import Group
 from rlaif_ray.logs import setup_logging
 from rlaif_ray.rollout.engine import make_engine
+
+
+class WeightsBehind(RuntimeError):
+    """A rollout actor was asked to sample with a weight version it does not hold."""
 
 
 class RolloutWorker:
@@ -32,14 +39,32 @@ class RolloutWorker:
             torch.set_num_threads(cfg.rollout.num_threads)
         torch.manual_seed(cfg.seed * 1000 + rank)
         self.engine = make_engine(cfg, model_dir)
-        self.store = FrameStore(cfg.model.num_frames, self.engine.image_size)
+        self._incarnation = f"{os.getpid()}-{time.time_ns()}"
+        self.store = FrameStore(
+            cfg.model.num_frames, self.engine.image_size, max_pixels=cfg.data.max_video_pixels
+        )
         self.groups_sampled = 0
+        self.prompts_bad_video = 0
+        # The last prompts given (their video path when it cannot be used, else None): this
+        # actor's share of one step, so that the bad-video fraction is judged over a whole batch
+        # even when the driver tops the pipeline up a few prompts at a time.
+        share = math.ceil(cfg.rl.prompts_per_step / cfg.rollout.num_actors)
+        self.recent_bad: deque[str | None] = deque(maxlen=share)
 
-    def rollout(self, examples: list[VideoQAExample], step: int) -> list[Group]:
-        """One group of ``rl.group_size`` answers per example whose video decodes (or that is text-only)."""
+    def rollout(self, examples: list[VideoQAExample], step: int, version: int | None = None) -> list[Group]:
+        """One group of ``rl.group_size`` answers per example whose video decodes (or that is text-only).
+
+        ``version``: the weight version the driver last sent this actor. An actor that Ray restarted
+        serves the warm start again and raises :class:`WeightsBehind` instead of sampling with it.
+        """
+        if version is not None and version != self.engine.version:
+            raise WeightsBehind(
+                f"rollout-{self.rank} serves weight version {self.engine.version}, not {version} (restarted?)"
+            )
         start = time.time()
         loaded = [(ex, self.store.for_example(ex.video)) for ex in examples]
         usable = [(ex, frames) for ex, (ok, frames) in loaded if ok]
+        self._check_bad_videos([None if ok else ex.video for ex, (ok, _) in loaded])
         if not usable:
             return []
         g = self.cfg.rl.group_size
@@ -66,13 +91,48 @@ class RolloutWorker:
         self.groups_sampled += len(groups)
         return groups
 
+    def _check_bad_videos(self, bad: list[str | None]) -> None:
+        """Count the prompts skipped for a bad video (``bad``: one entry per prompt, its video
+        path when it cannot be used) and stop the run, with BadVideoFractionError, when more than
+        ``data.max_bad_video_fraction`` of the last batch-share of prompts were bad."""
+        self.prompts_bad_video += sum(path is not None for path in bad)
+        self.recent_bad.extend(bad)
+        window = self.recent_bad.maxlen or 1
+        bad_paths = [path for path in self.recent_bad if path is not None]
+        limit = self.cfg.data.max_bad_video_fraction
+        if len(self.recent_bad) < window or len(bad_paths) <= limit * window:
+            return
+        examples = "; ".join(
+            f"{path} ({self.store.reason(path)})" for path in list(dict.fromkeys(bad_paths))[:3]
+        )
+        raise BadVideoFractionError(
+            f"rollout-{self.rank}: {len(bad_paths)} of the last {window} prompts "
+            f"({len(bad_paths) / window:.0%}) have a video that cannot be used, more than "
+            f"data.max_bad_video_fraction = {limit}; e.g. {examples}. Check that the data's video "
+            "paths exist on every node and decode (see the warnings above), or raise the limit."
+        )
+
     def update_weights(self, version: int, state: dict[str, torch.Tensor]) -> int:
-        """Serve weight ``version`` from now on; returns the version served."""
+        """Serve weight ``version`` from now on (a no-op when served already); returns the version served."""
+        if version == self.engine.version:
+            return version
         self.engine.load_weights(version, state)
         return self.engine.version
 
     def version(self) -> int:
         return self.engine.version
+
+    def incarnation(self) -> str:
+        """Differs after every (re)start of this actor's process."""
+        return self._incarnation
+
+    def rng_state(self) -> torch.Tensor:
+        """The sampling RNG's state (torch's, which the transformers engine samples with)."""
+        return torch.get_rng_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        """Continue sampling from a saved :meth:`rng_state` (a resumed run)."""
+        torch.set_rng_state(state)
 
     def greedy_answers(self, examples: list[VideoQAExample]) -> list[list[int]]:
         """Token ids of the served version's greedy answer to each example (its video must decode)."""
@@ -94,5 +154,7 @@ class RolloutWorker:
             "groups_sampled": self.groups_sampled,
             "torch_threads": torch.get_num_threads(),
             "skipped_videos": self.store.skipped_videos,
+            "skipped_videos_by_reason": self.store.skipped_by_reason,
+            "prompts_bad_video": self.prompts_bad_video,
             "version": self.engine.version,
         }

@@ -1,0 +1,174 @@
+"""Faults during a run on a real local Ray cluster: actors killed from outside the loop, a job
+stopped and resumed. The run goes on, versions keep rising, and every sampled group is accounted
+for exactly once (learned, dropped or rolled back, with the reason)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from safetensors.torch import load_file
+from test_async import colour_run, records_of
+
+from rlaif_ray.config import Config, load_config
+from rlaif_ray.launch import GROUP_OUTCOMES, run
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def kill_when(cfg: Config, steps_done: int, name: str) -> threading.Thread:
+    """A thread that kills the named actor (Ray may restart it: ``no_restart=False``) once the run's
+    ``metrics.jsonl`` holds ``steps_done`` records, as a node failure would."""
+    metrics = Path(cfg.run_dir) / "metrics.jsonl"
+
+    def watch() -> None:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= steps_done:
+                ray.kill(ray.get_actor(name), no_restart=False)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def assert_versions_rise(records: list[dict]) -> None:
+    """Each update publishes a version above every one before (an update skipped because all its
+    groups were tied publishes none), also across a learner restore."""
+    versions = [r["weight_version"] for r in records]
+    for before, record in zip(versions, records[1:], strict=False):
+        skipped = record["learner"].get("skipped_step")
+        assert record["weight_version"] == before if skipped else record["weight_version"] > before, versions
+
+
+def assert_accounted(summary: dict) -> None:
+    """Every sampled group is learned, dropped, rolled back, lost with a stopped job or left at the end."""
+    groups = summary["groups"]
+    assert groups["sampled"] == sum(groups[k] for k in GROUP_OUTCOMES) + groups["unlearned_at_end"], groups
+
+
+def test_rollout_actor_killed_mid_run(small_config: Config, colour_checkpoint: Path) -> None:
+    """Ray restarts the actor; the driver sends it the newest weights before its prompts again, so
+    no group is sampled by old weights (every lag is 0 at staleness 0) and the run finishes."""
+    cfg = colour_run(small_config, colour_checkpoint, steps=5)
+    cfg.rollout.num_actors = 2
+    killer = kill_when(cfg, 2, "rollout-1")
+    summary = run(cfg)
+    killer.join()
+    records = records_of(cfg)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert summary["faults"]["rollout_restarts"] >= 1
+    assert all(lag == 0 for r in records for lag in r["group_lags"])
+    assert_versions_rise(records)
+    assert summary["groups"]["learned"] == 5 * 4 and summary["groups"]["dropped_stale"] == 0
+    assert_accounted(summary)
+
+
+def test_learner_killed_mid_run(small_config: Config, colour_checkpoint: Path) -> None:
+    """Every learner is restored from the newest checkpoint (step 2); the updates after it are rolled
+    back and learned again, under versions above every version served before."""
+    cfg = colour_run(small_config, colour_checkpoint, steps=5)
+    cfg.rl.checkpoint_every = 2
+    killer = kill_when(cfg, 3, "learner-0")
+    summary = run(cfg)
+    killer.join()
+    records = records_of(cfg)
+    restores = summary["faults"]["restores"]
+    assert summary["faults"]["learner_restores"] == 1 and len(restores) == 1
+    assert restores[0]["to_step"] == 2 and restores[0]["at_step"] >= 3
+    rolled_steps = restores[0]["at_step"] - 2
+    assert summary["groups"]["rolled_back"] == rolled_steps * 4 == restores[0]["rolled_back_groups"]
+    assert summary["steps"] == 5 and summary["groups"]["learned"] == 5 * 4
+    assert_versions_rise(records)
+    steps = [r["step"] for r in records]
+    assert steps == [1, 2, *range(3, restores[0]["at_step"] + 1), *range(3, 6)]
+    assert_accounted(summary)
+
+
+def final_adapter(run_dir: Path) -> dict:
+    return load_file(str(run_dir / "checkpoints" / "final" / "adapter" / "adapter_model.safetensors"))
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float) -> None:
+    deadline = time.time() + timeout_s
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_stopped_job_resumes_exactly(small_config: Config, colour_checkpoint: Path, tmp_path: Path) -> None:
+    """A job stopped after step 3 (Ctrl-C on its driver) resumes from its step-2 checkpoint with
+    ``resume=RUN_DIR`` and ends with the same weights as an uninterrupted run of the same seed:
+    the learner's state, the data order and the sampling RNG all came back. Only steps 3-4 run."""
+    cfg = colour_run(small_config, colour_checkpoint, steps=4)
+    cfg.rl.checkpoint_every = 2
+    straight = run(cfg)
+    expected = final_adapter(Path(cfg.run_dir))
+
+    stopped_dir = tmp_path / "stopped"
+    cfg.run_dir = str(stopped_dir)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.to_dict()))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "rlaif_ray.launch", "--config", str(config_file)],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+    )
+    metrics = stopped_dir / "metrics.jsonl"
+    try:
+        wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3, 400)
+        os.killpg(driver.pid, signal.SIGINT)
+        driver.wait(timeout=120)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert not (stopped_dir / "summary.json").exists(), "the job finished before it was stopped"
+    assert (stopped_dir / "checkpoints" / "step_2" / "trainer_state.json").is_file()
+
+    resumed = run(load_config(str(stopped_dir / "config.yaml"), [f"resume={stopped_dir}"]))
+    assert resumed["resumed_from"].endswith("step_2") and resumed["steps_run_by_this_job"] == 2
+    assert [r["step"] for r in records_of(cfg)] == [1, 2, 3, 4]
+    got = final_adapter(stopped_dir)
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert bool((got[name] == tensor).all()), name
+    assert resumed["groups"]["learned"] == straight["groups"]["learned"] == 4 * 4
+    assert resumed["groups"]["rolled_back"] >= 4  # step 3 of the stopped job
+    assert_accounted(resumed)
+    assert json.loads((stopped_dir / "summary.json").read_text())["steps"] == 4
+
+
+def test_resume_refuses_another_config(small_config: Config, tmp_path: Path) -> None:
+    from rlaif_ray.config import ConfigError
+    from rlaif_ray.launch import prepare_run
+
+    run_dir = tmp_path / "r"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    cfg = small_config
+    cfg.run_dir = str(run_dir)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    other = load_config(str(run_dir / "config.yaml"), [f"resume={run_dir}", "learner.lr=0.5", "rl.steps=99"])
+    expected = re.escape(f"learner.lr: {cfg.learner.lr!r} in the run, 0.5 now")
+    with pytest.raises(ConfigError, match=expected) as err:
+        prepare_run(other)
+    assert "rl.steps" not in str(err.value)  # how long a run goes on may change
+    same = load_config(str(run_dir / "config.yaml"), [f"resume={run_dir}"])
+    with pytest.raises(ConfigError, match="no whole checkpoint"):
+        prepare_run(same)
