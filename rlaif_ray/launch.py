@@ -172,6 +172,10 @@ def sampled_accuracy(groups: list[Group]) -> float | None:
     return sum(scores) / len(scores) if scores else None
 
 
+class LearnersDied(RuntimeError):
+    """A learner actor died: the loop restores every learner before it goes on."""
+
+
 class Trainer:
     """Drives the actors through the GRPO_rank loop and writes the run folder.
 
@@ -210,10 +214,12 @@ class Trainer:
         self.draws = 0  # sampling requests so far: each draw's groups are ids "<draw>:<example>"
         # rollout ref -> (draw, rollout actor index, the examples asked for)
         self.sampling: dict[Any, tuple[int, int, list[Any]]] = {}
+        self.sampling_version: dict[Any, int] = {}  # rollout ref -> the version it samples with
         self.ready: list[Group] = []  # ranked, waiting for the learner, in arrival order
         self.order: dict[str, tuple[int, int]] = {}  # group id -> (draw, position): the sampling order
         self.syncs: list[tuple[int, Any]] = []  # (rollout actor index, or -1 for a learner, ref)
         self.sent = [0] * len(self.rollouts)  # the weight version last sent to each rollout actor
+        self.deferred: list[tuple[int, int, list[Any]]] = []  # draws to ask again after a restore
         self.incarnations = ray.get([actor.incarnation.remote() for actor in self.rollouts])
         self.empty_draws = 0
         self.learning = 0  # groups in the learner's update now
@@ -258,7 +264,7 @@ class Trainer:
     def in_pipeline(self) -> int:
         """Groups asked of the rollout actors, being ranked, ranked and waiting, or being learned."""
         return (
-            sum(len(examples) for _, _, examples in self.sampling.values())
+            sum(len(examples) for _, _, examples in [*self.sampling.values(), *self.deferred])
             + self.pool.pending
             + len(self.ready)
             + self.learning
@@ -283,7 +289,8 @@ class Trainer:
         for i, actor in enumerate(self.rollouts):
             part = shard(examples, i, n)
             if part:
-                self.sampling[actor.rollout.remote(part, self.draws, self.sent[i])] = (self.draws, i, part)
+                ref = actor.rollout.remote(part, self.draws, self.sent[i])
+                self.sampling[ref], self.sampling_version[ref] = (self.draws, i, part), self.sent[i]
 
     def on_rollout_death(self, index: int, exc: Exception) -> None:
         """A call to rollout actor ``index`` failed (or found it serving older weights): wait until
@@ -314,20 +321,31 @@ class Trainer:
             self.syncs.append((index, actor.update_weights.remote(self.version, self.state_ref)))
             self.sent[index] = self.version
 
-    def on_sampled(self, ref: Any) -> None:
+    def on_sampled(self, ref: Any) -> int | None:
+        """Queue a finished draw's groups for ranking; returns how many came back, or None when the
+        draw is asked again (its actor was restarted, or lacked the newest weights)."""
         draw, index, examples = self.sampling.pop(ref)
+        del self.sampling_version[ref]
         try:
             groups = ray.get(ref)
         except (RayActorError, WeightsBehind) as exc:
+            if not self.learners_alive():  # the weights it lacks died with a learner
+                self.deferred.append((draw, index, examples))
+                raise LearnersDied(f"a learner died; rollout-{index}: {exc}") from exc
             self.on_rollout_death(index, exc)
-            retry = self.rollouts[index].rollout.remote(examples, draw, self.sent[index])
-            self.sampling[retry] = (draw, index, examples)
-            return
+            self.resample(draw, index, examples)
+            return None
         for position, group in enumerate(groups):
             self.order[group.group_id] = (draw, position)
         self.counts["sampled"] += len(groups)
         current = [g for g in groups if not self.rolled_back(g)]
         self.pool.submit(current)
+        return len(groups)
+
+    def resample(self, draw: int, index: int, examples: list[Any]) -> None:
+        """Ask rollout actor ``index`` for a draw's prompts again (with the version last sent to it)."""
+        ref = self.rollouts[index].rollout.remote(examples, draw, self.sent[index])
+        self.sampling[ref], self.sampling_version[ref] = (draw, index, examples), self.sent[index]
 
     def rolled_back(self, group: Group) -> bool:
         """Drop (and count) a group sampled by weights that a learner restore undid."""
@@ -363,10 +381,22 @@ class Trainer:
         # Oldest version first (a group ranked late must not fall behind newer ones and out of
         # the bound), then in sampling order, so that a run does not depend on ranking times.
         self.ready.sort(key=lambda g: (g.weight_version, self.order[g.group_id]))
-        batch, self.ready = self.ready[:size], self.ready[size:]
+        batch = self.ready[:size]
+        # A group still being sampled or ranked that this update is its last chance to learn
+        # goes before any newer ready one: wait for it rather than drop it as stale later.
+        oldest = self.oldest_pending_version()
+        last_chance = oldest is not None and self.version + 1 - oldest > self.cfg.rl.max_staleness
+        if last_chance and batch[-1].weight_version > oldest:
+            return None
+        self.ready = self.ready[size:]
         for group in batch:
             del self.order[group.group_id]
         return batch
+
+    def oldest_pending_version(self) -> int | None:
+        """The oldest weight version among the groups being sampled or ranked (None if none)."""
+        versions = [*self.sampling_version.values(), self.pool.oldest_pending_version()]
+        return min((v for v in versions if v is not None), default=None)
 
     def sync_weights(self) -> None:
         """Learner 0's weights -> object store (one copy) -> every rollout actor, ahead of its next
@@ -408,9 +438,9 @@ class Trainer:
             raise RuntimeError("nothing is being sampled or ranked, yet no batch is ready")
         done, _ = ray.wait(waiting, num_returns=1)
         if done[0] in self.sampling:
-            before = self.counts["sampled"]
-            self.on_sampled(done[0])
-            self.empty_draws = self.empty_draws + 1 if self.counts["sampled"] == before else 0
+            returned = self.on_sampled(done[0])
+            if returned is not None:
+                self.empty_draws = self.empty_draws + 1 if returned == 0 else 0
             if self.empty_draws >= 10 * len(self.rollouts):
                 raise RuntimeError(
                     "the rollout actors returned no group 10 times in a row: does any video decode?"
@@ -502,6 +532,7 @@ class Trainer:
         )
         self.counts["learned"] -= rolled
         self.counts["rolled_back"] += rolled
+        self.counts["dropped_rolled_back"] += self.learning  # the groups of the update that died
         self.step_no = self.checkpoint_step
         self.updates_left = self.cfg.rl.steps - self.step_no
         self.since_checkpoint = []
@@ -510,6 +541,9 @@ class Trainer:
         self.ready = [g for g in self.ready if not self.rolled_back(g)]
         self.syncs = []
         self.sync_weights()
+        for draw, index, examples in self.deferred:
+            self.resample(draw, index, examples)
+        self.deferred = []
 
     def resume(self, folder: Path, metrics_path: Path) -> None:
         """Continue from checkpoint ``folder``: the learners' state, the loop's counts, data order and
@@ -556,19 +590,18 @@ class Trainer:
     def step(self) -> dict[str, Any] | None:
         """One update; None when a learner died and the learners were restored instead."""
         t0 = time.time()
-        self.sample_ahead()
-        batch = self.wait_for_batch()
-        t1 = time.time()
-        lags = [self.version - g.weight_version for g in batch]
-        groups_ref = ray.put(batch)
-        updates = [learner.train_step.remote(groups_ref) for learner in self.learners]
-        self.learning = len(batch)
-        while not self.progress(until=updates):
-            self.sample_ahead()
         try:
+            self.sample_ahead()
+            batch = self.wait_for_batch()
+            t1 = time.time()
+            lags = [self.version - g.weight_version for g in batch]
+            groups_ref = ray.put(batch)
+            updates = [learner.train_step.remote(groups_ref) for learner in self.learners]
+            self.learning = len(batch)
+            while not self.progress(until=updates):
+                self.sample_ahead()
             learner_stats = ray.get(updates)[0]
-        except RayActorError as exc:
-            self.counts["dropped_rolled_back"] += len(batch)  # in the update that died
+        except (RayActorError, LearnersDied) as exc:
             self.restore_learners(exc)
             return None
         self.learning = 0

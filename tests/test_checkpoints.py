@@ -12,7 +12,7 @@ import torch
 
 from rlaif_ray.config import Config
 from rlaif_ray.data.dataset import load_jsonl
-from rlaif_ray.launch import start_learners
+from rlaif_ray.launch import TRAINER_STATE, checkpoint_steps, latest_checkpoint, start_learners, warm_start
 from rlaif_ray.learner.worker import LearnerWorker
 from rlaif_ray.rollout.worker import RolloutWorker
 
@@ -103,5 +103,45 @@ def test_learner_setup_deadline_names_the_stale_lock(
     try:
         with pytest.raises(RuntimeError, match=f"learner.setup_timeout_s=20 s.*Lock files now: {lock}"):
             start_learners(cfg, cfg.model.path)
+    finally:
+        ray.shutdown()
+
+
+def test_partial_checkpoints_are_never_resumed_from(tmp_path: Path) -> None:
+    """Only whole checkpoints count: a temporary folder left by a crash while writing, or a step
+    folder without its loop state, is passed over for the previous whole one."""
+    root = tmp_path / "checkpoints"
+    for name, whole in [("step_2", True), ("step_4", True), (".step_6.tmp", True), ("step_8", False)]:
+        (root / name).mkdir(parents=True)
+        if whole:
+            (root / name / TRAINER_STATE).write_text("{}")
+    assert sorted(checkpoint_steps(root)) == [2, 4]
+    assert latest_checkpoint(tmp_path) == str(root / "step_4")
+    assert latest_checkpoint(tmp_path / "elsewhere") is None
+
+
+def test_sft_checkpoint_is_reused_only_with_the_same_fingerprint(
+    small_config: Config, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The SFT checkpoint is reused when nothing it depends on changed, and trained again, with a line
+    naming the setting, when one did (here the learning rate); logging settings do not count."""
+    cfg = small_config
+    cfg.sft.steps, cfg.sft.eval_every, cfg.sft.batch_size = 2, 100, 4
+    cfg.learner.num_threads = 1
+    model_dir = Path(cfg.model.path)
+    ray.init(num_cpus=2)
+    try:
+        warm_start(cfg, model_dir)
+        state = Path(cfg.sft.output_dir) / "sft_state.json"
+        first = state.stat().st_mtime_ns
+        cfg.sft.log_every = 7  # does not change the weights
+        warm_start(cfg, model_dir)
+        assert "reusing the SFT checkpoint" in capsys.readouterr().out
+        assert state.stat().st_mtime_ns == first
+        cfg.sft.lr = 1e-3
+        warm_start(cfg, model_dir)
+        out = capsys.readouterr().out
+        assert "trained again: sft.lr: 0.0005 -> 0.001" in out, out
+        assert state.stat().st_mtime_ns != first
     finally:
         ray.shutdown()

@@ -93,6 +93,15 @@ class RankerPool:
         """Groups submitted and not yet collected (queued or being ranked)."""
         return self.backlog + sum(len(chunk) for _, chunk in self._in_flight.values())
 
+    def oldest_pending_version(self) -> int | None:
+        """The oldest weight version among the groups submitted and not yet collected (None if none)."""
+        pending = [
+            *self._queue,
+            *self._suspects,
+            *(g for _, chunk in self._in_flight.values() for g in chunk),
+        ]
+        return min((g.weight_version for g in pending), default=None)
+
     def submit(self, groups: list[Group]) -> None:
         """Queue ``groups`` for ranking and hand them to idle actors."""
         self._queue.extend(groups)
