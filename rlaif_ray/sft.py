@@ -42,11 +42,13 @@ def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def fingerprint(cfg: Config, model_dir: str | Path) -> dict[str, Any]:
-    """What an SFT checkpoint depends on: the SFT and model settings, the seed, the base model
-    (hash of its small files, size of each file) and the train file (hash of its bytes).
+    """What an SFT checkpoint depends on: the SFT and model settings, the base model (hash of its
+    small files, size of each file) and the train file (hash of its bytes).
 
-    Settings that do not change the weights (logging, evaluation cadence, output folder, reuse)
-    are left out. Two fingerprints are compared key by key (:func:`fingerprint_differences`).
+    Settings that do not change the recipe are left out: logging, evaluation cadence, output
+    folder, reuse, and the top-level ``seed``, so that runs of several RL seeds start from one warm
+    start (as the benchmarks do). Two fingerprints are compared key by key
+    (:func:`fingerprint_differences`).
     """
     sft = {
         k: v
@@ -62,7 +64,6 @@ def fingerprint(cfg: Config, model_dir: str | Path) -> dict[str, Any]:
     return {
         **{f"sft.{k}": v for k, v in sft.items()},
         **{f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items() if k != "path"},
-        "seed": cfg.seed,
         "base model files": model.hexdigest(),
         "data.train contents": hashlib.sha256(Path(cfg.data.train).read_bytes()).hexdigest(),
     }
