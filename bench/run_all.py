@@ -8,6 +8,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-for script in ("sft_curve.py", "rl_learning.py", "ranker_scaling.py", "async.py"):
+for script in (
+    "sft_curve.py",
+    "rl_learning.py",
+    "ranker_scaling.py",
+    "async.py",
+    "throughput.py",
+    "weight_sync.py",
+    "profile_step.py",
+):
     print(f"== {script}", flush=True)
     subprocess.run([sys.executable, str(HERE / script)], check=True)

@@ -83,7 +83,7 @@ def test_learner_killed_mid_run(small_config: Config, colour_checkpoint: Path) -
     """Every learner is restored from the newest checkpoint (step 2); the updates after it are rolled
     back and learned again, under versions above every version served before."""
     cfg = colour_run(small_config, colour_checkpoint, steps=5)
-    cfg.rl.checkpoint_every = 2
+    cfg.rl.checkpoint_every, cfg.rl.keep_checkpoints = 2, 1
     killer = kill_when(cfg, 3, "learner-0")
     summary = run(cfg)
     killer.join()
@@ -98,6 +98,10 @@ def test_learner_killed_mid_run(small_config: Config, colour_checkpoint: Path) -
     steps = [r["step"] for r in records]
     assert steps == [1, 2, *range(3, restores[0]["at_step"] + 1), *range(3, 6)]
     assert_accounted(summary)
+    # The newest checkpoint alone is kept (rl.keep_checkpoints=1), whole, with its config.
+    checkpoints = Path(cfg.run_dir) / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["final", "step_4"]
+    assert load_config(str(checkpoints / "step_4" / "config.yaml")).learner.lr == cfg.learner.lr
 
 
 def final_adapter(run_dir: Path) -> dict:
