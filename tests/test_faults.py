@@ -37,6 +37,8 @@ def kill_when(cfg: Config, steps_done: int, name: str) -> threading.Thread:
     def watch() -> None:
         deadline = time.time() + 600
         while time.time() < deadline:
+            if not ray.is_initialized() and metrics.is_file():  # the run ended: never start a Ray
+                return
             if metrics.is_file() and len(metrics.read_text().splitlines()) >= steps_done:
                 ray.kill(ray.get_actor(name), no_restart=False)
                 return

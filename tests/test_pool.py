@@ -13,6 +13,7 @@ from test_ranker_openai import FakeJudgeServer, rank_by_reference
 
 from rlaif_ray.config import Config, load_config
 from rlaif_ray.groups import Group
+from rlaif_ray.launch import stop_actors
 from rlaif_ray.ranker.pool import MAX_ACTOR_DEATHS, RankerPool
 
 
@@ -50,6 +51,20 @@ def cfg() -> Config:
             "ranker.num_cpus_per_actor=0.25",
         ],
     )
+
+
+@pytest.fixture(autouse=True)
+def no_ranker_actor_left(local_ray) -> Iterator[None]:
+    """Each test's ranker actors die with it: a later pool names its actors ranker-0, ranker-1, ...
+    again, and an actor left alive (e.g. one still inside a hung judge call) would hold the name."""
+    yield
+    leftover = []
+    for index in range(32):
+        try:
+            leftover.append(ray.get_actor(f"ranker-{index}"))
+        except ValueError:
+            continue
+    stop_actors(leftover)
 
 
 def test_pool_grows_with_backlog_then_shrinks(local_ray, cfg: Config) -> None:
@@ -169,6 +184,8 @@ def test_a_group_that_kills_its_rankers_gets_the_fallback(local_ray, hanging_jud
             deadline = time.monotonic() + 120
             while poison_calls(hanging_judge) <= k and time.monotonic() < deadline:
                 time.sleep(0.05)
+            if not ray.is_initialized():  # the test ended: never start a Ray of its own
+                return
             ray.kill(ray.get_actor(f"ranker-{k}"))
 
     thread = threading.Thread(target=killer, daemon=True)

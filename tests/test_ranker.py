@@ -351,7 +351,8 @@ def test_deadline_frees_the_slots_of_a_concurrent_backend() -> None:
     # Two at a time: two waves of hung groups expire before the last group starts.
     waves = sorted(g.rank_s for g in ranked[:4])
     assert waves[0] >= 0.3 and waves[2] >= waves[1] + 0.25  # the second wave started when the first expired
-    assert waves[3] <= ranked[4].rank_s < 10
+    # The last group starts when a slot of the second wave frees (its expiry is stamped a moment later).
+    assert waves[3] - 0.05 <= ranked[4].rank_s < 10
     assert worker.stats()["deadline_expired"] == 4
 
 
