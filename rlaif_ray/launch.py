@@ -31,7 +31,7 @@ import torch
 import yaml
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 
-from rlaif_ray.config import Config, ConfigError, load_config
+from rlaif_ray.config import Config, ConfigError, flat_keys, load_config
 from rlaif_ray.data.dataset import check_data, load_jsonl
 from rlaif_ray.groups import Group
 from rlaif_ray.learner.worker import LearnerWorker, shard
@@ -861,17 +861,6 @@ RESUMABLE = {
 }
 
 
-def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"rl": {"steps": 5}}`` -> ``{"rl.steps": 5}``."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def resume_point(cfg: Config) -> tuple[Path, Path]:
     """The run folder named by ``resume`` and its newest whole checkpoint; the config must be the
     one that run was trained with, except for :data:`RESUMABLE` settings."""
@@ -879,8 +868,8 @@ def resume_point(cfg: Config) -> tuple[Path, Path]:
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         raise ConfigError(f"resume={cfg.resume!r}: {saved_path} does not exist (not a run folder)")
-    saved = flat(with_absolute_paths(load_config(str(saved_path))).to_dict())
-    now = flat(cfg.to_dict())
+    saved = flat_keys(with_absolute_paths(load_config(str(saved_path))).to_dict())
+    now = flat_keys(cfg.to_dict())
     differ = [
         f"{k}: {saved.get(k)!r} in the run, {now.get(k)!r} now"
         for k in now

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlaif_ray.config import Config, ConfigError, config_from_dict, load_config
+from rlaif_ray.config import Config, ConfigError, config_from_dict, flat_keys, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT = CONFIGS / "default.yaml"
@@ -15,29 +15,19 @@ PAPER = CONFIGS / "paper_7b.yaml"
 
 
 # --------------------------------------------------------------------------- shipped configs
-def _leaves(tree: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 @pytest.mark.parametrize("path", [DEFAULT, PAPER], ids=["default", "paper_7b"])
 def test_shipped_config_loads_with_every_value_from_the_file(path: Path):
     """Every key written in the file reaches the Config (numbers compared as numbers)."""
     cfg = load_config(path)
-    written = _leaves(yaml.safe_load(path.read_text()))
-    loaded = _leaves(cfg.to_dict())
+    written = flat_keys(yaml.safe_load(path.read_text()))
+    loaded = flat_keys(cfg.to_dict())
     assert written and set(written) <= set(loaded)
     for key, value in written.items():
         if isinstance(value, str) and isinstance(loaded[key], float):
             value = float(value)  # YAML 1.1 reads exponent floats without a dot as strings
         assert loaded[key] == value, key
     # Keys the file leaves out keep the dataclass defaults.
-    defaults = _leaves(Config().to_dict())
+    defaults = flat_keys(Config().to_dict())
     for key in set(loaded) - set(written):
         assert loaded[key] == defaults[key], key
 
