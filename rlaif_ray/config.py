@@ -128,6 +128,10 @@ class RankerConfig:
     max_actors: int = 2
     # Groups waiting per ranker actor above which the pool grows by one actor.
     scale_up_backlog: int = 4
+    # Seconds a ranker actor may have nothing to do before the pool retires it (down to
+    # min_actors): a steady backlog holds the pool's size, and between bursts the idle actors go,
+    # so that the autoscaler can release their nodes.
+    idle_grace_s: float = 30.0
     num_cpus_per_actor: float = 0.5
     # Custom resource each ranker actor asks for, so the autoscaler can add ranker nodes.
     resource: str = "ranker"
@@ -393,6 +397,7 @@ def validate(cfg: Config) -> Config:
     _check(
         cfg.ranker.group_deadline_s > 0, "ranker.group_deadline_s", cfg.ranker.group_deadline_s, "seconds > 0"
     )
+    _check(cfg.ranker.idle_grace_s >= 0, "ranker.idle_grace_s", cfg.ranker.idle_grace_s, "seconds >= 0")
     if not cfg.ranker.openai_api_key_env.isidentifier():  # the value is not shown: it may be a pasted key
         raise ConfigError(
             "config key 'ranker.openai_api_key_env' must be the name of an environment variable "

@@ -41,6 +41,7 @@ from rlaif_ray.prepare import ensure_data, ensure_model
 from rlaif_ray.ranker.pool import RankerPool
 from rlaif_ray.rollout.worker import RolloutWorker, WeightsBehind
 from rlaif_ray.sft import fingerprint, fingerprint_differences, finished_checkpoint, run_sft
+from rlaif_ray.telemetry import LoopMetrics, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +247,7 @@ class Trainer:
         }
         self.faults = {"rollout_restarts": 0, "learner_restores": 0}
         self.rows_bad_video = 0  # answers the learner dropped because their video failed there
+        self.metrics = LoopMetrics()  # live metrics (Ray dashboard, Prometheus)
 
     # ---- sampling and ranking
 
@@ -258,6 +260,7 @@ class Trainer:
                 self.on_rollout_death(0, exc)
                 continue
             if result["version"] == self.sent[0]:
+                Telemetry("rollout", "rollout-0").set("rlaif_heldout_accuracy", result["accuracy"])
                 return result
             self.on_rollout_death(0, WeightsBehind(f"rollout-0 evaluated version {result['version']}"))
 
@@ -338,6 +341,9 @@ class Trainer:
         for position, group in enumerate(groups):
             self.order[group.group_id] = (draw, position)
         self.counts["sampled"] += len(groups)
+        if groups:
+            lag = self.version - min(g.weight_version for g in groups)
+            Telemetry("rollout", f"rollout-{index}").set("rlaif_rollout_weight_lag", lag)
         current = [g for g in groups if not self.rolled_back(g)]
         self.pool.submit(current)
         return len(groups)
@@ -436,8 +442,10 @@ class Trainer:
         waiting = list(self.sampling) + self.pool.in_flight() + (until or [])
         if not waiting:
             raise RuntimeError("nothing is being sampled or ranked, yet no batch is ready")
-        done, _ = ray.wait(waiting, num_returns=1)
-        if done[0] in self.sampling:
+        done, _ = ray.wait(waiting, num_returns=1, timeout=self.pool.seconds_to_retirement())
+        if not done:  # an idle ranker actor is due to retire
+            self.pool.retire_idle()
+        elif done[0] in self.sampling:
             returned = self.on_sampled(done[0])
             if returned is not None:
                 self.empty_draws = self.empty_draws + 1 if returned == 0 else 0
@@ -682,6 +690,7 @@ class Trainer:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 scalars.write(step, record)
+                self.metrics.publish(record)
                 done = step - first_step
                 eta_s = (time.time() - rl_start) / max(done, 1) * (cfg.rl.steps - step)
                 if cfg.rl.time_limit_s:

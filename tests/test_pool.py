@@ -67,7 +67,10 @@ def no_ranker_actor_left(local_ray) -> Iterator[None]:
     stop_actors(leftover)
 
 
-def test_pool_grows_with_backlog_then_shrinks(local_ray, cfg: Config) -> None:
+def test_pool_grows_with_backlog_holds_under_steady_load_and_retires_idle_actors(
+    local_ray, cfg: Config
+) -> None:
+    cfg.ranker.idle_grace_s = 1.5
     pool = RankerPool(cfg)
     assert pool.size == 1 and ray.get_actor("ranker-0") is not None
     groups = [make_group(i) for i in range(12)]
@@ -75,10 +78,28 @@ def test_pool_grows_with_backlog_then_shrinks(local_ray, cfg: Config) -> None:
     assert [g.group_id for g in ranked] == [g.group_id for g in groups]  # input order kept
     # "red" (correct) first, then "red circle" (closer), then the two wrong colours tied.
     assert all(g.ranks == [2.5, 0.0, 1.0, 2.5] and g.rank_status == "ok" for g in ranked)
-    assert pool.scale_ups >= 1 and pool.size > 1
-    pool.rank([make_group(99)])  # a small backlog: back to min_actors
-    assert pool.size == 1 and pool.scale_downs >= 1
-    assert pool.stats()["groups"] == 13 and pool.stats()["ok"] == 13
+    assert pool.scale_ups >= 1 and pool.size == 3
+    # A steady backlog, with pauses shorter than the grace period: the pool holds its size, even
+    # though it runs empty between calls (it used to shrink whenever it did).
+    start, steady = time.monotonic(), 0
+    while time.monotonic() - start < 2 * cfg.ranker.idle_grace_s:
+        pool.rank([make_group(100 + 6 * steady + i) for i in range(6)])
+        steady += 1
+        time.sleep(0.3)
+    assert pool.size == 3 and pool.scale_downs == 0
+    assert pool.retire_idle() == []  # nobody idle long enough yet
+    due = pool.seconds_to_retirement()
+    assert due is not None and 0 < due <= cfg.ranker.idle_grace_s
+    time.sleep(due + 0.1)
+    retired = pool.retire_idle()  # longest idle first, down to min_actors
+    assert len(retired) == 2 and pool.size == 1 and pool.scale_downs == 2
+    assert pool.seconds_to_retirement() is None  # at min_actors: nothing left to retire
+    for name in retired:
+        with pytest.raises(ValueError):
+            ray.get_actor(name)
+    assert pool.rank([make_group(99)])[0].ranks is not None  # the one left still ranks
+    stats = pool.stats()
+    assert stats["groups"] == stats["ok"] == 12 + 6 * steady + 1
     for name in list(pool.actors):
         ray.kill(pool.actors[name])
 

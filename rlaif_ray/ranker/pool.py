@@ -11,7 +11,11 @@ and the driver waits on :meth:`RankerPool.in_flight` together with its
 other work and passes each finished reference to :meth:`RankerPool.collect`, which returns that
 chunk's ranked groups. :meth:`RankerPool.rank` does all of that for one list and returns it in order.
 The pool grows by one actor whenever more than ``ranker.scale_up_backlog`` groups per actor wait,
-and shrinks back to what its peak backlog needed whenever it runs empty. A dead actor is replaced
+and retires an actor that has had nothing to do for ``ranker.idle_grace_s`` seconds (down to
+``ranker.min_actors``): a steady backlog keeps every actor busy and the pool at its size, while
+between bursts the idle actors go, and with them the ranker nodes the autoscaler added. Idleness
+is a matter of time, so the driver also calls :meth:`RankerPool.retire_idle` when its wait
+(bounded by :meth:`RankerPool.seconds_to_retirement`) ends with nothing finished. A dead actor is replaced
 (counted in ``restarts``) and its groups are ranked again, each in a chunk of its own, so no group
 is lost and a group that kills its ranker takes no other group down with it; a group whose ranker
 died under it :data:`MAX_ACTOR_DEATHS` times gets the fallback instead, so that it cannot stall
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import Counter, deque
 from typing import Any
 
@@ -35,6 +40,7 @@ from ray.exceptions import RayActorError
 from rlaif_ray.config import Config
 from rlaif_ray.groups import Group
 from rlaif_ray.ranker.worker import COUNTERS, RankerWorker, apply_fallback
+from rlaif_ray.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +64,8 @@ class RankerPool:
         self._queue: deque[Group] = deque()
         self._suspects: deque[Group] = deque()  # groups whose ranker died: ranked alone, first
         self._in_flight: dict[Any, tuple[str, list[Group]]] = {}
-        self._peak_backlog = 0
+        self._idle_since: dict[str, float] = {}  # actor name -> when it last had nothing to do
+        self.telemetry = Telemetry("ranker", "pool")
         for _ in range(cfg.ranker.min_actors):
             self._add_actor()
 
@@ -74,9 +81,11 @@ class RankerPool:
         self._next_index += 1
         actor_cls = ray.remote(RankerWorker).options(**self._options(name))
         self.actors[name] = actor_cls.remote(self.cfg.ranker, self.cfg.rl.group_size)
+        self._idle_since[name] = time.monotonic()
         return name
 
     def _remove_actor(self, name: str) -> None:
+        self._idle_since.pop(name, None)
         ray.kill(self.actors.pop(name))
 
     @property
@@ -117,7 +126,6 @@ class RankerPool:
     def dispatch(self) -> None:
         """Grow the pool when the backlog is long, then hand queued chunks to idle actors."""
         backlog = self.backlog
-        self._peak_backlog = max(self._peak_backlog, backlog)
         while (
             backlog > self.cfg.ranker.scale_up_backlog * self.size and self.size < self.cfg.ranker.max_actors
         ):
@@ -136,6 +144,9 @@ class RankerPool:
             else:
                 break
             self._in_flight[actor.rank_chunk.remote(chunk)] = (name, chunk)
+            self._idle_since.pop(name, None)
+        self.telemetry.set("rlaif_ranker_queue_depth", self.backlog)
+        self.telemetry.set("rlaif_ranker_pool_size", self.size)
 
     def in_flight(self) -> list[Any]:
         """The object references of the chunks being ranked now (to ``ray.wait`` on)."""
@@ -158,9 +169,10 @@ class RankerPool:
         errors = counts.pop("errors", {})
         self.counts.update(counts)
         self.errors.update(errors)
-        if not self.pending:
-            self._shrink()
+        if name in self.actors:
+            self._idle_since[name] = time.monotonic()
         self.dispatch()
+        self.retire_idle()
         return ranked
 
     def _replace(self, name: str, chunk: list[Group], exc: Exception) -> list[Group]:
@@ -168,6 +180,7 @@ class RankerPool:
         groups it was the :data:`MAX_ACTOR_DEATHS`-th death of: those are returned with the fallback."""
         self.actors.pop(name, None)
         self.restarts += 1
+        self.telemetry.count("rlaif_actor_restarts")
         self._add_actor()
         again, given_up = [], []
         for group in chunk:
@@ -203,21 +216,42 @@ class RankerPool:
         self.submit(groups)
         results: dict[int, Group] = {}
         while len(results) < len(groups):
-            done, _ = ray.wait(self.in_flight(), num_returns=1)
+            done, _ = ray.wait(self.in_flight(), num_returns=1, timeout=self.seconds_to_retirement())
+            if not done:
+                self.retire_idle()
+                continue
             for group in self.collect(done[0]):
                 results[position[group.group_id]] = group
         return [results[i] for i in range(len(groups))]
 
-    def _shrink(self) -> None:
-        needed = max(
-            self.cfg.ranker.min_actors, math.ceil(self._peak_backlog / self.cfg.ranker.scale_up_backlog)
-        )
-        self._peak_backlog = 0
-        while self.size > needed:
-            name = sorted(self.actors, key=lambda n: int(n.split("-")[1]))[-1]
+    def seconds_to_retirement(self) -> float | None:
+        """Seconds until the next idle actor is due to retire (0 if one is due now), or None when
+        none can retire (the pool is at ``ranker.min_actors``): how long a waiting driver may wait
+        before it calls :meth:`retire_idle`."""
+        if self.size <= self.cfg.ranker.min_actors or not self._idle_since or self.backlog:
+            return None
+        due = min(self._idle_since.values()) + self.cfg.ranker.idle_grace_s
+        return max(0.0, due - time.monotonic())
+
+    def retire_idle(self) -> list[str]:
+        """Remove the actors idle for at least ``ranker.idle_grace_s`` seconds, longest idle first,
+        keeping ``ranker.min_actors``; returns their names. Nothing retires while groups wait."""
+        if self.backlog:
+            return []
+        now = time.monotonic()
+        due = [n for n, since in self._idle_since.items() if now - since >= self.cfg.ranker.idle_grace_s]
+        retired = []
+        for name in sorted(due, key=lambda n: (self._idle_since[n], -int(n.split("-")[1]))):
+            if self.size <= self.cfg.ranker.min_actors:
+                break
+            idle_s = now - self._idle_since[name]
             self._remove_actor(name)
             self.scale_downs += 1
-            log.info("ranker pool: idle, removed %s (%d actors)", name, self.size)
+            retired.append(name)
+            log.info("ranker pool: %s idle for %.0f s, retired (%d actors)", name, idle_s, self.size)
+        if retired:
+            self.telemetry.set("rlaif_ranker_pool_size", self.size)
+        return retired
 
     def stats(self) -> dict[str, Any]:
         """Pool size, scaling events, ranker actor restarts, and what happened to the groups ranked

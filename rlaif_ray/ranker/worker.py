@@ -33,6 +33,7 @@ from rlaif_ray.groups import Group
 from rlaif_ray.logs import setup_logging
 from rlaif_ray.ranker.backends import RankerBackend, make_backend
 from rlaif_ray.ranker.prompting import InvalidOrdering, Ordering
+from rlaif_ray.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class RankerWorker:
         self._counts: Counter[str] = Counter()
         self._errors: Counter[str] = Counter()
         self._rank_s = 0.0
+        self.telemetry = Telemetry("ranker")  # tagged with the actor's name, e.g. ranker-0
         self._reported: tuple[Counter[str], Counter[str]] = (Counter(), Counter())
 
     def rank_group(self, group: Group) -> Group:
@@ -152,7 +154,17 @@ class RankerWorker:
             counts, errors = self._snapshot()
             last_counts, last_errors = self._reported
             self._reported = (counts, errors)
-        return ranked, {**dict(counts - last_counts), "errors": dict(errors - last_errors)}
+        grown = counts - last_counts
+        for name, key in [
+            ("rlaif_groups_ranked", "groups"),
+            ("rlaif_ranker_invalid_answers", "invalid"),
+            ("rlaif_ranker_retries", "retries"),
+            ("rlaif_ranker_fallbacks", "fallbacks"),
+        ]:
+            self.telemetry.count(name, grown[key])
+        for group in ranked:
+            self.telemetry.observe("rlaif_ranker_group_latency_s", group.rank_s)
+        return ranked, {**dict(grown), "errors": dict(errors - last_errors)}
 
     def stats(self) -> dict[str, Any]:
         """Counters since construction (see :data:`COUNTERS`), ``errors`` (failed attempts by

@@ -22,6 +22,7 @@ from rlaif_ray.evaluate import evaluate
 from rlaif_ray.groups import Group
 from rlaif_ray.logs import setup_logging
 from rlaif_ray.rollout.engine import make_engine
+from rlaif_ray.telemetry import Telemetry
 
 
 class WeightsBehind(RuntimeError):
@@ -45,6 +46,8 @@ class RolloutWorker:
         )
         self.groups_sampled = 0
         self.prompts_bad_video = 0
+        self.telemetry = Telemetry("rollout", f"rollout-{rank}")
+        self.telemetry.set("rlaif_weight_version", self.engine.version)
         # The last prompts given (their video path when it cannot be used, else None): this
         # actor's share of one step, so that the bad-video fraction is judged over a whole batch
         # even when the driver tops the pipeline up a few prompts at a time.
@@ -89,6 +92,7 @@ class RolloutWorker:
                 )
             )
         self.groups_sampled += len(groups)
+        self.telemetry.count("rlaif_groups_sampled", len(groups))
         return groups
 
     def _check_bad_videos(self, bad: list[str | None]) -> None:
@@ -96,6 +100,7 @@ class RolloutWorker:
         path when it cannot be used) and stop the run, with BadVideoFractionError, when more than
         ``data.max_bad_video_fraction`` of the last batch-share of prompts were bad."""
         self.prompts_bad_video += sum(path is not None for path in bad)
+        self.telemetry.count("rlaif_videos_skipped", sum(path is not None for path in bad))
         self.recent_bad.extend(bad)
         window = self.recent_bad.maxlen or 1
         bad_paths = [path for path in self.recent_bad if path is not None]
@@ -117,6 +122,7 @@ class RolloutWorker:
         if version == self.engine.version:
             return version
         self.engine.load_weights(version, state)
+        self.telemetry.set("rlaif_weight_version", self.engine.version)
         return self.engine.version
 
     def version(self) -> int:
