@@ -8,7 +8,7 @@ by every actor (``RolloutWorker``, ``LearnerWorker``, ``RankerWorker``) and by `
   library only at WARNING or above, some less: transformers at ERROR and without progress bars,
   open_clip's INFO lines and its "initialized randomly" warning (it logs on the root logger)
   dropped, DeepSpeed and vLLM (``VLLM_LOGGING_LEVEL``, inherited by its engine process) at
-  WARNING, torch's "No CUDA runtime is found" build notice and Ray's token-authentication notice
+  WARNING (DeepSpeed's warning about our optimizer and its "built successfully" print dropped), torch's "No CUDA runtime is found" build notice and Ray's token-authentication notice
   dropped, FutureWarning / DeprecationWarning ignored unless raised in ``rlaif_ray`` code.
 * ``info``: the libraries' INFO lines and progress bars come back.
 * ``debug``: everything at DEBUG, ours included.
@@ -19,6 +19,8 @@ TensorBoard scalars.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import re
@@ -59,6 +61,22 @@ class _OpenClipChatter(logging.Filter):
             return True
         path = record.pathname.replace("\\", "/")
         return "/open_clip/" not in path
+
+
+class _ChosenOptimizerNotice(logging.Filter):
+    """Drops DeepSpeed's "untested optimizer" warning: the learner's ``FiniteAdamW`` is an AdamW
+    that DeepSpeed does not know by name, allowed on purpose (``zero_allow_untested_optimizer``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "untested optimizer" not in str(record.msg)
+
+
+def quiet_prints() -> contextlib.AbstractContextManager[Any]:
+    """Swallow what a library ``print``s inside the block when the level is ``quiet`` (DeepSpeed
+    prints "DeepSpeed ... built successfully" each time it loads its CPU communication op)."""
+    if os.environ.get(ENV_VAR, "quiet") == "quiet":
+        return contextlib.redirect_stdout(io.StringIO())
+    return contextlib.nullcontext()
 
 
 class _NoColour(logging.Filter):
@@ -130,6 +148,11 @@ def setup_logging(level: str | None = None) -> str:
         except ImportError:
             pass
     _set_logger("DeepSpeed", libs)  # deepspeed.utils.logger: its own handler, not propagated
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    for old in [f for f in deepspeed_logger.filters if isinstance(f, _ChosenOptimizerNotice)]:
+        deepspeed_logger.removeFilter(old)
+    if quiet:
+        deepspeed_logger.addFilter(_ChosenOptimizerNotice())
     # vLLM configures its logger from the environment when imported (also in its engine process).
     os.environ["VLLM_LOGGING_LEVEL"] = logging.getLevelName(libs)
     _set_logger("vllm", libs)

@@ -69,6 +69,9 @@ def test_metrics_of_a_run_reach_the_nodes_prometheus_endpoint(small_config: Conf
     cfg.rl.steps, cfg.rl.prompts_per_step, cfg.rl.group_size = 3, 8, 4
     cfg.rl.eval_every, cfg.rl.eval_examples = 2, 16
     cfg.ranker.min_actors, cfg.ranker.max_actors, cfg.ranker.scale_up_backlog = 1, 2, 1
+    # Shorter than a learner step: the second ranker actor retires while the driver waits for
+    # the learner (its wait ends on the pool's retirement time), and comes back for the next burst.
+    cfg.ranker.idle_grace_s = 0.2
     port = free_port()
     ray.init(
         num_cpus=4,
@@ -109,5 +112,6 @@ def test_metrics_of_a_run_reach_the_nodes_prometheus_endpoint(small_config: Conf
         ranker_actors = {dict(ls)["actor"] for n, ls in samples if n == "ray_rlaif_groups_ranked_total"}
         assert ranker_actors and all(a.startswith("ranker-") for a in ranker_actors)
         assert summary["groups"]["learned"] == 3 * 8 and rollout_groups >= 3 * 8
+        assert summary["ranker"]["scale_downs"] >= 1 and summary["ranker"]["scale_ups"] >= 2
     finally:
         ray.shutdown()

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from rlaif_ray.logs import quiet_prints
+
 log = logging.getLogger(__name__)
 
 
@@ -51,9 +53,10 @@ def init_distributed(
             "LOCAL_WORLD_SIZE": "1",
         }
     )
-    deepspeed.init_distributed(
-        dist_backend=backend, auto_mpi_discovery=False, verbose=False, rank=rank, world_size=world_size
-    )
+    with quiet_prints():
+        deepspeed.init_distributed(
+            dist_backend=backend, auto_mpi_discovery=False, verbose=False, rank=rank, world_size=world_size
+        )
 
 
 class FiniteAdamW(torch.optim.AdamW):
