@@ -70,6 +70,8 @@ def arm_config(args: argparse.Namespace, ranker: str, staleness: int, seed: int,
         f"rl.eval_every={args.steps + 1}",  # evaluate before and after only
         f"rl.checkpoint_every={args.steps + 1}",  # no checkpoint inside the timed loop
         f"rl.eval_examples={args.eval_examples}",
+        "rl.eval_split=test",  # a speed benchmark with a fixed setting: nothing is chosen on it
+        "rl.final_test=false",
         "rl.time_limit_s=0",
         "sft.reuse=true",
         f"run_dir=runs/bench_{args.name}/{ranker}-k{staleness}-seed{seed}",

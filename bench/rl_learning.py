@@ -46,6 +46,8 @@ def main() -> None:
                 *args.overrides,
                 f"algo.advantage={METHODS[name]}",
                 "rl.steps=100000",
+                "rl.eval_split=test",  # as recorded in bench/results/rl_learning.json
+                "rl.final_test=false",
                 f"rl.time_limit_s={args.minutes * 60}",
                 f"run_dir=runs/{args.name}-{name}",
             ],

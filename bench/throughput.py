@@ -145,6 +145,7 @@ def our_config(args: argparse.Namespace, batch: int, steps: int, staleness: int,
             f"rl.eval_every={steps + 1}",  # evaluate before and after only
             f"rl.checkpoint_every={steps + 1}",
             f"rl.eval_examples={args.eval_examples}",
+            "rl.final_test=false",
             "rl.time_limit_s=0",
             "ranker.backend=ground_truth",
             "rollout.engine=hf",

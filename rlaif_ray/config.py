@@ -34,6 +34,14 @@ class DataConfig:
     synthetic_dir: str | None = "data/synthetic"
     synthetic_videos: int = 400
     synthetic_seed: int = 0
+    # Fractions of the videos in val and test (each video's questions stay in one split).
+    synthetic_val_frac: float = 0.1
+    synthetic_test_frac: float = 0.1
+    # One question of each type per video: colour, shape, direction, count (one-word answers)
+    # and describe (graded: "red circle up", see rlaif_ray.data.synthetic).
+    synthetic_question_types: list[str] = field(
+        default_factory=lambda: ["colour", "shape", "direction", "count"]
+    )
     # A bad JSONL line (bad JSON, missing or unknown key, wrong type, repeated id): "skip"
     # (default) drops it with a warning naming its file and line, and counts it; "raise" stops
     # the run at the first one, before SFT or any actor starts.
@@ -124,6 +132,10 @@ class RankerConfig:
     """The Oracle-ranker pool and its backend."""
 
     backend: Literal["ground_truth", "judge", "openai"] = "ground_truth"
+    # The ground-truth oracle's scalar score of an answer (the ``score`` advantage, sampled
+    # accuracy): "binary" correctness, or "parts", the fraction of the answer's parts right
+    # (graded answers; see rlaif_ray.ranker.backends.part_accuracy).
+    score: Literal["binary", "parts"] = "binary"
     min_actors: int = 1
     max_actors: int = 2
     # Groups waiting per ranker actor above which the pool grows by one actor.
@@ -221,6 +233,11 @@ class RLConfig:
     prompts_per_step: int = 64
     group_size: int = 5
     eval_every: int = 20
+    # The split of the evaluations during the run (before RL, every eval_every steps, after RL):
+    # "val", to choose settings on; "test" is for the final report only (rl.final_test).
+    eval_split: Literal["val", "test"] = "val"
+    # After the run, one evaluation on data.test (summary.json "test"), when eval_split is val.
+    final_test: bool = True
     # Held-out examples used by each evaluation (0: the whole split).
     eval_examples: int = 0
     # How many updates may come between the weight version that samples a group and the update
@@ -342,6 +359,18 @@ def validate(cfg: Config) -> Config:
     for key, value in non_negative:
         _check(value >= 0, key, value, "a value >= 0")
     _check(cfg.rollout.max_restarts >= -1, "rollout.max_restarts", cfg.rollout.max_restarts, "-1 or >= 0")
+    from rlaif_ray.data.synthetic import ALL_TYPES
+
+    types = cfg.data.synthetic_question_types
+    _check(
+        bool(types) and len(set(types)) == len(types) and all(t in ALL_TYPES for t in types),
+        "data.synthetic_question_types",
+        types,
+        f"distinct question types of {ALL_TYPES}",
+    )
+    for key in ("synthetic_val_frac", "synthetic_test_frac"):
+        value = getattr(cfg.data, key)
+        _check(0 <= value < 1, f"data.{key}", value, "a fraction in [0, 1)")
     _check(
         0 <= cfg.data.max_bad_video_fraction <= 1,
         "data.max_bad_video_fraction",

@@ -1,4 +1,4 @@
-"""Held-out exact-match accuracy: greedy answers judged by the ground-truth oracle's rule.
+"""Held-out accuracy: greedy answers judged by the ground-truth oracle's rules (exact match, parts right).
 
 python -m rlaif_ray.evaluate --checkpoint DIR --data test.jsonl [--out result.json]
 """
@@ -18,7 +18,7 @@ from rlaif_ray.config import load_config
 from rlaif_ray.data.dataset import VideoQAExample, load_jsonl
 from rlaif_ray.data.frames import FrameStore
 from rlaif_ray.models.policy import VideoLMPolicy, read_policy_spec
-from rlaif_ray.ranker.backends import normalize_answer
+from rlaif_ray.ranker.backends import normalize_answer, part_accuracy
 
 AnswerFn = Callable[[list[np.ndarray], list[str]], list[str]]
 
@@ -37,12 +37,16 @@ def evaluate(
 ) -> dict[str, Any]:
     """Answer every example that has a reference; accuracy overall and per question type.
 
-    An answer is correct when its normalised text equals the normalised reference (the
-    ground-truth oracle's rule). Examples whose video cannot be used are skipped and counted:
+    ``accuracy``: exact match, an answer being correct when its normalised words are the
+    reference's in any order (the ground-truth oracle's rule, ``is_correct``); ``part_accuracy``:
+    the mean fraction of parts right (``part_accuracy``: for graded answers such as "red circle
+    up", partial credit; for one-word answers it adds credit for the word said among others).
+    Examples whose video cannot be used are skipped and counted:
     ``skipped_videos`` (examples) and ``skipped_videos_by_reason`` (examples per
     ``VideoDecodeError.reason``); the store warns once per video.
     """
     correct: dict[str, int] = defaultdict(int)
+    parts: dict[str, float] = defaultdict(float)
     total: dict[str, int] = defaultdict(int)
     skipped: Counter[str] = Counter()
     scored = [ex for ex in examples if ex.answer is not None]
@@ -59,15 +63,18 @@ def evaluate(
             continue
         texts = answer_fn(frames, [ex.question for ex in rows])
         for ex, text in zip(rows, texts, strict=True):
-            hit = int(normalize_answer(text) == normalize_answer(ex.answer or ""))
+            part = part_accuracy(normalize_answer(text), normalize_answer(ex.answer or ""))
             for key in ("all", ex.type or "untyped"):
-                correct[key] += hit
+                correct[key] += int(part == 1.0)
+                parts[key] += part
                 total[key] += 1
     n = total["all"]
     return {
         "accuracy": correct["all"] / n if n else 0.0,
         "n": n,
         "per_type": {k: correct[k] / total[k] for k in sorted(total) if k != "all"},
+        "part_accuracy": parts["all"] / n if n else 0.0,
+        "per_type_part_accuracy": {k: parts[k] / total[k] for k in sorted(total) if k != "all"},
         "skipped_videos": sum(skipped.values()),
         "skipped_videos_by_reason": dict(sorted(skipped.items())),
     }

@@ -202,9 +202,7 @@ class Trainer:
         self.run_dir = run_dir
         self.policy_dir = policy_dir
         self.train = load_jsonl(cfg.data.train, on_error=cfg.data.on_bad_line)
-        self.test = load_jsonl(cfg.data.test, on_error=cfg.data.on_bad_line)
-        if cfg.rl.eval_examples:
-            self.test = self.test[: cfg.rl.eval_examples]
+        self.heldout = self.load_split(cfg.rl.eval_split)  # the evaluations during the run
         self.rng = random.Random(cfg.seed)
         self.learners = start_learners(cfg, policy_dir)
         self.rollouts = start_rollouts(cfg, policy_dir)
@@ -251,16 +249,25 @@ class Trainer:
 
     # ---- sampling and ranking
 
-    def evaluate(self) -> dict[str, Any]:
-        """Held-out accuracy of the served version (rollout-0, greedy)."""
+    def load_split(self, split: str) -> list[Any]:
+        """The first ``rl.eval_examples`` examples (0: all) of ``data.<split>``."""
+        examples = load_jsonl(getattr(self.cfg.data, split), on_error=self.cfg.data.on_bad_line)
+        return examples[: self.cfg.rl.eval_examples] if self.cfg.rl.eval_examples else examples
+
+    def evaluate(self, examples: list[Any] | None = None) -> dict[str, Any]:
+        """Held-out accuracy of the served version (rollout-0, greedy) on ``examples`` (default:
+        the ``rl.eval_split`` split)."""
         while True:
             try:
-                result = ray.get(self.rollouts[0].evaluate.remote(self.test))
+                result = ray.get(
+                    self.rollouts[0].evaluate.remote(self.heldout if examples is None else examples)
+                )
             except RayActorError as exc:
                 self.on_rollout_death(0, exc)
                 continue
             if result["version"] == self.sent[0]:
-                Telemetry("rollout", "rollout-0").set("rlaif_heldout_accuracy", result["accuracy"])
+                if examples is None:
+                    Telemetry("rollout", "rollout-0").set("rlaif_heldout_accuracy", result["accuracy"])
                 return result
             self.on_rollout_death(0, WeightsBehind(f"rollout-0 evaluated version {result['version']}"))
 
@@ -658,7 +665,11 @@ class Trainer:
         scalars = ScalarWriter(self.run_dir)  # TensorBoard: tensorboard --logdir runs/
         if resume_from is None:
             before = self.evaluate()
-            print(f"[rl] held-out accuracy before RL: {before['accuracy']:.3f} (n={before['n']})", flush=True)
+            print(
+                f"[rl] held-out accuracy before RL: {before['accuracy']:.3f} "
+                f"({cfg.rl.eval_split}, n={before['n']})",
+                flush=True,
+            )
             scalars.write(0, {"eval": before})
             self.evals = [{"step": 0, **before}]
             metrics_path.write_text("")
@@ -699,7 +710,7 @@ class Trainer:
                 if "eval" in record:
                     print(
                         f"[rl] held-out accuracy at step {step}: {record['eval']['accuracy']:.3f} "
-                        f"(n={record['eval']['n']})",
+                        f"({cfg.rl.eval_split}, n={record['eval']['n']})",
                         flush=True,
                     )
                 if out_of_time:
@@ -717,14 +728,24 @@ class Trainer:
         if self.step_no:
             scalars.write(self.step_no, {"eval": after})
         scalars.close()
+        final_test = None  # the final report's split: evaluated once, at the end
+        if cfg.rl.final_test and cfg.rl.eval_split != "test":
+            final_test = self.evaluate(self.load_split("test"))
+            print(
+                f"[rl] test accuracy after RL: {final_test['accuracy']:.3f} (n={final_test['n']})", flush=True
+            )
         final = self.save("final")
         rollout_stats = ray.get([a.stats.remote() for a in self.rollouts])
         summary = {
+            "eval_split": cfg.rl.eval_split,
             "accuracy_before": before["accuracy"],
             "accuracy_after": after["accuracy"],
+            "part_accuracy_before": before["part_accuracy"],
+            "part_accuracy_after": after["part_accuracy"],
             "per_type_before": before["per_type"],
             "per_type_after": after["per_type"],
             "eval_examples": after["n"],
+            "test": final_test,
             "steps": self.step_no,
             "steps_run_by_this_job": self.step_no - first_step,
             "resumed_from": str(resume_from) if resume_from else None,
@@ -751,7 +772,7 @@ class Trainer:
             log.warning("could not draw %s: %r", self.run_dir / "curves.png", exc)
         print(
             f"[rl] held-out accuracy after RL: {after['accuracy']:.3f} "
-            f"({after['accuracy'] - before['accuracy']:+.3f}); run folder {self.run_dir}",
+            f"({cfg.rl.eval_split}, {after['accuracy'] - before['accuracy']:+.3f}); run folder {self.run_dir}",
             flush=True,
         )
         return summary

@@ -24,7 +24,14 @@ def ensure_data(cfg: Config) -> None:
     from rlaif_ray.data.synthetic import generate
 
     log.info("generating %d synthetic videos into %s", cfg.data.synthetic_videos, cfg.data.synthetic_dir)
-    generate(cfg.data.synthetic_dir, cfg.data.synthetic_videos, cfg.data.synthetic_seed)
+    generate(
+        cfg.data.synthetic_dir,
+        cfg.data.synthetic_videos,
+        cfg.data.synthetic_seed,
+        val_frac=cfg.data.synthetic_val_frac,
+        test_frac=cfg.data.synthetic_test_frac,
+        question_types=cfg.data.synthetic_question_types,
+    )
     still_missing = [str(p) for p in paths if not p.is_file()]
     if still_missing:
         raise FileNotFoundError(

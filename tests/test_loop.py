@@ -43,6 +43,12 @@ def test_loop_runs_end_to_end(small_config: Config, tmp_path: Path) -> None:
     cfg.rollout.num_actors = 2
     cfg.ranker.min_actors, cfg.ranker.max_actors, cfg.ranker.scale_up_backlog = 1, 2, 1
     cfg.learner.lr = 5e-3
+    # Evaluations during the run on val (12 questions here), the final report once on test (16).
+    val = tmp_path / "val12.jsonl"
+    rows = [json.loads(line) for line in Path(cfg.data.val).read_text().splitlines()[:12]]
+    folder = Path(cfg.data.val).parent
+    val.write_text("".join(json.dumps({**row, "video": str(folder / row["video"])}) + "\n" for row in rows))
+    cfg.data.val = str(val)
 
     summary = run(cfg)
 
@@ -64,6 +70,8 @@ def test_loop_runs_end_to_end(small_config: Config, tmp_path: Path) -> None:
     assert summary["ranker"]["scale_ups"] >= 1  # backlog 4 > 1 per actor: the pool grew
     assert [s["version"] for s in summary["rollout"]] == [5, 5]  # every rollout actor serves the newest
     assert [e["step"] for e in summary["evals"]] == [0, 2, 4, 5]
+    assert summary["eval_split"] == "val" and {e["n"] for e in summary["evals"]} == {12}
+    assert summary["test"]["n"] == 16 and 0 <= summary["test"]["accuracy"] <= summary["test"]["part_accuracy"]
     assert summary["steps"] == 5 and summary["wall_s"] > 0
     assert "eval" in records[1] and "checkpoint" in records[1]
     on_disk = json.loads((run_dir / "summary.json").read_text())

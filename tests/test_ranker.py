@@ -23,9 +23,12 @@ from rlaif_ray.ranker import (
     RankerWorker,
     build_ranking_prompt,
     format_ordering,
+    is_correct,
     make_backend,
     normalize_answer,
     parse_ordering,
+    part_accuracy,
+    token_f1,
 )
 
 
@@ -477,3 +480,62 @@ def test_ground_truth_ranks_an_empty_answer_last() -> None:
     """Concision must not reward saying nothing: an empty answer is below every wrong answer."""
     ordering = GroundTruthRanker().rank("what colour ?", "red", ["", "blue green yellow", "red", "  "])
     assert ordering == [2, 1, [0, 3]]
+
+
+# --------------------------------------------------------------------------- graded answers
+
+
+def test_part_accuracy_by_hand() -> None:
+    assert part_accuracy("red circle up", "red circle up") == 1.0
+    assert part_accuracy("circle up red", "red circle up") == 1.0  # any order
+    assert part_accuracy("red circle down", "red circle up") == pytest.approx(2 / 3)
+    assert part_accuracy("red", "red circle up") == pytest.approx(1 / 3)
+    # Naming every colour costs as much as missing parts: 3 right of 6 words said.
+    assert part_accuracy("red blue green circle up left", "red circle up") == pytest.approx(3 / 6)
+    assert part_accuracy("red circle up up", "red circle up") == pytest.approx(3 / 4)  # a repeat
+    assert part_accuracy("red red", "red") == pytest.approx(1 / 2)
+    assert part_accuracy("", "red") == 0.0 and part_accuracy("", "") == 1.0
+    assert is_correct("Circle, UP red!", "red circle up") and not is_correct("red red", "red")
+
+
+def test_ground_truth_orders_graded_answers_by_parts_right() -> None:
+    reference = "red circle up"
+    candidates = [
+        "blue square left",  # 0 parts
+        "red circle down",  # 2/3
+        "circle up red",  # correct, another order
+        "",  # empty: last
+        "red",  # 1/3
+        "red circle up up",  # 3/4
+        "red blue green circle up",  # 3/5
+    ]
+    ranks = gt_ranks(reference, candidates)
+    assert ranks == [5.0, 2.0, 0.0, 6.0, 4.0, 1.0, 3.0]
+    assert GroundTruthRanker().scores(reference, candidates) == [0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    parts = GroundTruthRanker(RankerConfig(score="parts")).scores(reference, candidates)
+    assert parts == pytest.approx([0.0, 2 / 3, 1.0, 0.0, 1 / 3, 3 / 4, 3 / 5])
+    with pytest.raises(ValueError, match="ranker.score"):
+        GroundTruthRanker(RankerConfig(score="graded"))  # type: ignore[arg-type]
+
+
+def test_one_word_references_rank_as_before_graded_answers_existed() -> None:
+    """For a one-word reference, ordering by parts right is the old rule: exact match first,
+    then token F1, then concision (the default task's figures do not move)."""
+
+    def old_rule(reference: str, candidates: list[str]) -> list[float]:
+        keys = [
+            (n != reference, not n, -token_f1(n, reference), len(n.split()))
+            for n in map(normalize_answer, candidates)
+        ]
+        ordering: Ordering = []
+        for key in sorted(set(keys)):
+            tier = [i for i, k in enumerate(keys) if k == key]
+            ordering.append(tier[0] if len(tier) == 1 else tier)
+        return ranks_from_orderings([ordering], len(candidates))[0].tolist()
+
+    rng = random.Random(0)
+    words = ["red", "blue", "circle", "up", "two", ""]
+    for _ in range(300):
+        candidates = [" ".join(rng.choices(words, k=rng.randint(0, 3))) for _ in range(5)]
+        reference = rng.choice(words[:-1])
+        assert gt_ranks(reference, candidates) == old_rule(reference, candidates), (reference, candidates)

@@ -191,3 +191,28 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     train = load_jsonl(tmp_path / "train.jsonl")
     assert len(train) == 4 * len(QUESTION_TYPES)
     assert load_frames(train[0].video, 4).shape == (4, 32, 32, 3)
+
+
+def test_graded_describe_questions_name_colour_shape_and_direction(tmp_path: Path) -> None:
+    paths = generate(
+        tmp_path, 6, seed=SEED, val_frac=0.2, test_frac=0.2, question_types=["describe", "colour"]
+    )
+    rows = [ex for path in paths.values() for ex in load_jsonl(path)]
+    by_video: dict[str, dict[str, VideoQAExample]] = {}
+    for ex in rows:
+        by_video.setdefault(ex.video, {})[ex.type or ""] = ex
+    assert len(by_video) == 6 and all(set(v) == {"describe", "colour"} for v in by_video.values())
+    for questions in by_video.values():
+        describe = questions["describe"]
+        colour, shape, direction = (describe.answer or "").split()
+        assert colour == questions["colour"].answer  # the same scene as the colour question's
+        assert shape in ANSWERS_BY_TYPE["shape"] and direction in ANSWERS_BY_TYPE["direction"]
+        assert describe.question == "what is moving ?"
+        assert set(describe.question.split()) | {colour, shape, direction} <= set(VOCABULARY)
+    # The videos do not depend on the question types: the same pixels as the default task's.
+    default = generate(tmp_path / "default", 6, seed=SEED, val_frac=0.2, test_frac=0.2)
+    video = sorted(by_video)[0]
+    other = str(default["train"].parent / "videos" / Path(video).name)
+    assert np.array_equal(load_frames(video, 4), load_frames(other, 4))
+    with pytest.raises(ValueError, match="unknown question types"):
+        generate(tmp_path / "bad", 3, question_types=["colour", "mood"])

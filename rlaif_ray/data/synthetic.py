@@ -49,6 +49,11 @@ ANSWERS_BY_TYPE: dict[str, list[str]] = {
     "direction": list(DIRECTIONS),
     "count": COUNT_WORDS,
 }
+# Graded questions: an answer of several parts, e.g. "what is moving ?" -> "red circle up" (colour,
+# shape and direction, in any order), judged part by part (rlaif_ray.ranker.backends.part_accuracy).
+# Not in the default task: ask for them with ``question_types``.
+GRADED_TYPES = ["describe"]
+ALL_TYPES = QUESTION_TYPES + GRADED_TYPES
 
 
 @dataclass(frozen=True)
@@ -61,26 +66,31 @@ class Scene:
     count: int
 
 
-def questions(scene: Scene) -> list[tuple[str, str, str]]:
-    """``(type, question, answer)`` for every type in :data:`QUESTION_TYPES`."""
+def questions(scene: Scene, types: list[str] = QUESTION_TYPES) -> list[tuple[str, str, str]]:
+    """``(type, question, answer)`` for every type in ``types`` (of :data:`ALL_TYPES`), in that order."""
     # Naming the shape in a question gives away only the answer to the shape question, which
     # itself names no shape.
     subject = f"is the {scene.shape}" if scene.count == 1 else f"are the {scene.shape}s"
     mover = f"does the {scene.shape}" if scene.count == 1 else f"do the {scene.shape}s"
-    return [
-        ("colour", f"what colour {subject} ?", scene.colour),
-        ("shape", "what shape is moving ?", scene.shape),
-        ("direction", f"which direction {mover} move ?", scene.direction),
-        ("count", "how many shapes are there ?", COUNT_WORDS[scene.count - 1]),
-    ]
+    by_type = {
+        "colour": (f"what colour {subject} ?", scene.colour),
+        "shape": ("what shape is moving ?", scene.shape),
+        "direction": (f"which direction {mover} move ?", scene.direction),
+        "count": ("how many shapes are there ?", COUNT_WORDS[scene.count - 1]),
+        "describe": ("what is moving ?", f"{scene.colour} {scene.shape} {scene.direction}"),
+    }
+    unknown = [t for t in types if t not in by_type]
+    if unknown:
+        raise ValueError(f"unknown question types {unknown}; expected some of {ALL_TYPES}")
+    return [(t, *by_type[t]) for t in types]
 
 
 def _all_words() -> list[str]:
     words: set[str] = set()
     for colour, shape, direction, count in itertools.product(COLOURS, SHAPES, DIRECTIONS, (1, 2, 3)):
-        for _, question, answer in questions(Scene(colour, shape, direction, count)):
+        for _, question, answer in questions(Scene(colour, shape, direction, count), ALL_TYPES):
             words.update(question.split())
-            words.add(answer)
+            words.update(answer.split())
     return sorted(words)
 
 
@@ -138,11 +148,13 @@ def generate(
     size: int = 64,
     val_frac: float = 0.1,
     test_frac: float = 0.1,
+    question_types: list[str] = QUESTION_TYPES,
 ) -> dict[str, Path]:
     """Write ``n_videos`` videos and their questions under ``out_dir``.
 
     Writes ``out_dir/videos/NNNNN.mp4`` and ``out_dir/{train,val,test}.jsonl``; val and test
-    get ``round(n_videos * frac)`` videos each, train the rest (at least one).
+    get ``round(n_videos * frac)`` videos each, train the rest (at least one). Each video gets one
+    question of each of ``question_types`` (the videos do not depend on them).
 
     Returns:
         ``{"train": path, "val": path, "test": path}`` of the JSONL files.
@@ -153,6 +165,9 @@ def generate(
         raise ValueError(f"need 2 <= frames_min <= frames_max, got {frames_min}, {frames_max}")
     if size < 16:
         raise ValueError(f"size must be >= 16, got {size}")
+    if not question_types or len(set(question_types)) != len(question_types):
+        raise ValueError(f"question_types must be distinct and not empty, got {question_types}")
+    questions(Scene("red", "circle", "up", 1), question_types)  # unknown types: ValueError now
     n_val, n_test = round(n_videos * val_frac), round(n_videos * test_frac)
     if min(val_frac, test_frac) < 0 or n_val + n_test >= n_videos:
         raise ValueError(f"val_frac={val_frac}, test_frac={test_frac} leave no training video of {n_videos}")
@@ -181,7 +196,7 @@ def generate(
                     answer=answer,
                     type=qtype,
                 )
-                for qtype, question, answer in questions(scene)
+                for qtype, question, answer in questions(scene, question_types)
             ]
         )
 
@@ -211,6 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=64, help="frame height and width in pixels")
     parser.add_argument("--val-frac", type=float, default=0.1)
     parser.add_argument("--test-frac", type=float, default=0.1)
+    parser.add_argument(
+        "--types", nargs="+", default=QUESTION_TYPES, choices=ALL_TYPES, help="question types per video"
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     paths = generate(
@@ -222,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         size=args.size,
         val_frac=args.val_frac,
         test_frac=args.test_frac,
+        question_types=args.types,
     )
     print(f"generated {args.n} videos in {time.perf_counter() - start:.1f} s")
     for split, path in paths.items():

@@ -5,8 +5,10 @@ from rlaif_ray.ranker.backends import (
     JudgeRanker,
     OpenAIRanker,
     RankerBackend,
+    is_correct,
     make_backend,
     normalize_answer,
+    part_accuracy,
     register_backend,
     token_f1,
 )
@@ -29,9 +31,11 @@ __all__ = [
     "RankerWorker",
     "build_ranking_prompt",
     "format_ordering",
+    "is_correct",
     "make_backend",
     "normalize_answer",
     "parse_ordering",
+    "part_accuracy",
     "register_backend",
     "token_f1",
 ]

@@ -107,18 +107,44 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def part_accuracy(prediction: str, reference: str) -> float:
+    """The fraction of parts right, in any order, of two normalised texts (1.0 when both are empty).
+
+    The parts are the words. With ``P`` and ``R`` the multisets of the prediction's and the
+    reference's words, ``part_accuracy = |P ∩ R| / max(|P|, |R|)``: the parts of the reference
+    that the prediction names, over the longer of the two, so that naming extra parts (e.g. every
+    colour at once) costs as much as missing one. It is 1.0 exactly when ``P == R`` (the same
+    words in any order: "red circle up" for "circle up red") and, for a one-word reference,
+    1 / (number of words) when the prediction contains the word, else 0.
+    """
+    pred, ref = prediction.split(), reference.split()
+    if not pred or not ref:
+        return float(pred == ref)
+    return sum((Counter(pred) & Counter(ref)).values()) / max(len(pred), len(ref))
+
+
+def is_correct(prediction: str, reference: str) -> bool:
+    """Exact match of two answers up to normalisation and the order of their parts."""
+    return part_accuracy(normalize_answer(prediction), normalize_answer(reference)) == 1.0
+
+
 @register_backend("ground_truth")
 class GroundTruthRanker(RankerBackend):
-    """Orders answers against the reference: correct first, then closer (token F1), then shorter.
+    """Orders answers against the reference: more parts right first (:func:`part_accuracy`: a
+    correct answer, the reference's words in any order, has them all), then closer (token F1),
+    then shorter.
 
-    An answer is correct when its normalised text equals the normalised reference. An empty
-    answer is the worst of all: were concision to reward it, the policy would learn to say
-    nothing. Answers with equal keys (same correctness, closeness and word count; in particular
-    the same normalised text) tie.
+    For a one-word reference this is: correct first, then the wrong answers by closeness, then by
+    concision. An empty answer is the worst of all: were concision to reward it, the policy would
+    learn to say nothing. Answers with equal keys (same parts right, closeness and word count; in
+    particular the same normalised text) tie. ``scores`` are binary correctness, or the part
+    accuracy itself with ``ranker.score=parts`` (a graded scalar reward).
     """
 
     def __init__(self, cfg: RankerConfig | None = None) -> None:
-        """``cfg`` is accepted for a uniform constructor; this backend has no settings."""
+        self.score = cfg.score if cfg is not None else "binary"
+        if self.score not in ("binary", "parts"):
+            raise ValueError(f"ranker.score must be 'binary' or 'parts', got {self.score!r}")
 
     def rank(self, question: str, reference: str | None, candidates: list[str]) -> Ordering:
         if reference is None:
@@ -127,7 +153,7 @@ class GroundTruthRanker(RankerBackend):
         keys = []
         for candidate in candidates:
             norm = normalize_answer(candidate)
-            keys.append((norm != ref, not norm, -token_f1(norm, ref), len(norm.split())))
+            keys.append((-part_accuracy(norm, ref), not norm, -token_f1(norm, ref), len(norm.split())))
         ordering: Ordering = []
         for key in sorted(set(keys)):
             tier = [i for i, k in enumerate(keys) if k == key]
@@ -135,9 +161,11 @@ class GroundTruthRanker(RankerBackend):
         return ordering
 
     def scores(self, reference: str, candidates: list[str]) -> list[float]:
-        """1.0 for a correct answer (normalised text equals the normalised reference), else 0.0."""
+        """Per answer: 1.0 when correct (:func:`is_correct`) else 0.0; with ``score="parts"``, its
+        :func:`part_accuracy`."""
         ref = normalize_answer(reference)
-        return [float(normalize_answer(candidate) == ref) for candidate in candidates]
+        parts = [part_accuracy(normalize_answer(candidate), ref) for candidate in candidates]
+        return parts if self.score == "parts" else [float(p == 1.0) for p in parts]
 
 
 # --------------------------------------------------------------------------- local judge
