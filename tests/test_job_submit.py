@@ -5,25 +5,21 @@ reads ``.gitignore`` or skips its own default folders (the jobs run with
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
+import ray_head
+from ray_head import RAY
 
 from rlaif_ray.config import Config
-from rlaif_ray.learner.engine import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).parent / "ray")
 RUNTIME_ENV = REPO / "cluster" / "runtime_env.yaml"
 # Ray packs the working directory without what .gitignore lists and without its own default
 # excludes (.git, .venv, venv, __pycache__ in Ray 2.60); with these two set it skips neither, so
@@ -31,55 +27,13 @@ RUNTIME_ENV = REPO / "cluster" / "runtime_env.yaml"
 ONLY_OUR_EXCLUDES = {"RAY_RUNTIME_ENV_IGNORE_GITIGNORE": "1", "RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES": ""}
 
 
-def stop_head_node(temp_dir: str) -> None:
-    """End the processes of the head node started with ``--temp-dir=temp_dir`` (each names that
-    folder on its command line), and their children: not ``ray stop``, which ends every Ray
-    process of the machine, other users' clusters included."""
-    procs = set()
-    for proc in psutil.process_iter(["cmdline"]):
-        if any(temp_dir in arg for arg in proc.info["cmdline"] or []):
-            procs.add(proc)
-            with contextlib.suppress(psutil.Error):
-                procs.update(proc.children(recursive=True))
-    for proc in procs:  # SIGKILL, as `ray stop --force` does: gcs_server may sit out a SIGTERM
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(procs, timeout=30)
-
-
 @pytest.fixture(scope="module")
 def head_node():
-    """A Ray head node with a 'ranker' resource, stopped on exit (token auth stays on). Every port
-    is its own: the job agent's default port (52365) may belong to another Ray on the machine, and
-    an agent without its port answers every submission with "No available agent"."""
-    port, dashboard, agent = free_port(), free_port(), free_port()
-    # A short temp dir: Ray's unix sockets live there and their paths have a length limit.
-    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    """A Ray head node with a 'ranker' resource, stopped on exit (token auth stays on)."""
     # A token of the test's own: a fresh machine has no ~/.ray/auth_token yet.
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    subprocess.run(
-        [
-            RAY,
-            "start",
-            "--head",
-            f"--port={port}",
-            f"--dashboard-port={dashboard}",
-            f"--dashboard-agent-listen-port={agent}",
-            "--dashboard-host=127.0.0.1",
-            "--num-cpus=4",
-            '--resources={"ranker": 2}',
-            f"--temp-dir={temp_dir}",
-        ],
-        check=True,
-        env=env,
-        capture_output=True,
-        timeout=180,
-    )
-    try:
-        yield f"http://127.0.0.1:{dashboard}", env
-    finally:
-        stop_head_node(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    with ray_head.head_node("--num-cpus=4", '--resources={"ranker": 2}', env=env) as head:
+        yield head.dashboard_url, head.env
 
 
 def job_submit(
