@@ -66,8 +66,9 @@ class ModelConfig:
     build_tiny_if_missing: bool = True
     num_frames: int = 8
     # "patch": VLM-RLAIF spatio-temporal pooling (T frame tokens + P patch tokens);
-    # "pooled": one pooled embedding per frame.
-    visual_tokens: Literal["patch", "pooled"] = "patch"
+    # "motion": those plus P motion tokens (each patch's second-half minus first-half mean: where
+    # and when, so the direction of motion is visible); "pooled": one pooled embedding per frame.
+    visual_tokens: Literal["patch", "motion", "pooled"] = "patch"
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0

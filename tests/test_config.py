@@ -36,7 +36,7 @@ def test_default_yaml_is_the_tiny_cpu_setup():
     cfg = load_config(DEFAULT)
     assert isinstance(cfg, Config)
     assert cfg.model.path == "checkpoints/tiny" and cfg.model.build_tiny_if_missing is True
-    assert cfg.model.visual_tokens == "patch" and cfg.model.dtype == "float32"
+    assert cfg.model.visual_tokens == "motion" and cfg.model.dtype == "float32"
     assert "lm_head" in cfg.model.lora_target_modules  # the tiny LM is trained from scratch
     assert isinstance(cfg.sft.lr, float) and isinstance(cfg.learner.lr, float)
     assert cfg.rollout.engine == "hf" and cfg.learner.backend == "gloo"

@@ -22,6 +22,7 @@ from rlaif_ray.models.policy import (
     PROJECTOR_FILE,
     REFERENCE_ADAPTER,
     VideoLMPolicy,
+    spatio_temporal_motion_pool,
     spatio_temporal_pool,
 )
 
@@ -131,6 +132,37 @@ def test_spatio_temporal_pool_batches_independently():
     torch.testing.assert_close(pooled[2, 5 + 3], tokens[2, :, 3].mean(dim=0))
 
 
+def test_motion_pool_on_a_hand_tensor():
+    # [B=1, T=3, P=2, D=1]: a "shape" (value 1) on patch 0 in frame 0, on patch 1 in frame 2.
+    tokens = torch.tensor([[[[1.0], [0.0]], [[0.5], [0.5]], [[0.0], [1.0]]]])
+    pooled = spatio_temporal_motion_pool(tokens)
+    assert pooled.shape == (1, 3 + 2 + 2, 1)
+    torch.testing.assert_close(pooled[:, :5], spatio_temporal_pool(tokens))
+    # Second half (frame 2) minus first half (frame 0; the middle frame is in neither): it left
+    # patch 0 and reached patch 1. Its mirror image (moving the other way) flips the sign.
+    assert pooled[0, 5:, 0].tolist() == [-1.0, 1.0]
+    assert spatio_temporal_motion_pool(tokens.flip(1))[0, 5:, 0].tolist() == [1.0, -1.0]
+    # The time-averaged tokens cannot tell the two apart.
+    torch.testing.assert_close(
+        spatio_temporal_pool(tokens.flip(1))[:, 3:], spatio_temporal_pool(tokens)[:, 3:]
+    )
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        spatio_temporal_motion_pool(tokens[:, :1])
+
+
+def test_motion_mode_gives_frames_patches_and_motion_tokens(fresh):
+    motion_policy = fresh(visual_tokens="motion")
+    pixels, prompts, answers = batch(motion_policy)
+    feats = motion_policy.visual_features(pixels)
+    assert feats.shape[:2] == (len(QUESTIONS), NUM_FRAMES + 2 * NUM_PATCHES)
+    _, tokens = motion_policy.vision(pixels.flatten(0, 1))
+    expected = spatio_temporal_motion_pool(tokens.view(len(QUESTIONS), NUM_FRAMES, NUM_PATCHES, -1))
+    torch.testing.assert_close(feats, expected)
+    with torch.no_grad():
+        lp, _, _ = motion_policy.answer_logprobs(pixels, prompts, answers)
+    assert torch.isfinite(lp).all() and (lp <= 0).all()
+
+
 def test_preprocess_resizes_and_normalises(policy: VideoLMPolicy):
     frames = np.full((NUM_FRAMES, 48, 32, 3), 255, dtype=np.uint8)
     pixels = policy.preprocess(frames)
@@ -139,16 +171,17 @@ def test_preprocess_resizes_and_normalises(policy: VideoLMPolicy):
     torch.testing.assert_close(pixels[0, :, 10, 10], expected)
 
 
-def test_patch_mode_gives_frames_plus_patches_visual_tokens(policy: VideoLMPolicy):
-    pixels, _, _ = batch(policy)
-    feats = policy.visual_features(pixels)
+def test_patch_mode_gives_frames_plus_patches_visual_tokens(fresh):
+    patch_policy = fresh(visual_tokens="patch")
+    pixels, _, _ = batch(patch_policy)
+    feats = patch_policy.visual_features(pixels)
     assert feats.shape[:2] == (len(QUESTIONS), NUM_FRAMES + NUM_PATCHES)
     # The pooling of the encoder's own patch tokens.
-    _, tokens = policy.vision(pixels.flatten(0, 1))
+    _, tokens = patch_policy.vision(pixels.flatten(0, 1))
     expected = spatio_temporal_pool(tokens.view(len(QUESTIONS), NUM_FRAMES, NUM_PATCHES, -1))
     torch.testing.assert_close(feats, expected)
-    embedded = policy.encode_video(pixels)
-    hidden = policy.lm.get_input_embeddings().embedding_dim
+    embedded = patch_policy.encode_video(pixels)
+    hidden = patch_policy.lm.get_input_embeddings().embedding_dim
     assert embedded.shape == (len(QUESTIONS), NUM_FRAMES + NUM_PATCHES, hidden)
 
 

@@ -126,6 +126,25 @@ def spatio_temporal_pool(tokens: torch.Tensor) -> torch.Tensor:
     return torch.cat([tokens.mean(dim=2), tokens.mean(dim=1)], dim=1)
 
 
+def spatio_temporal_motion_pool(tokens: torch.Tensor) -> torch.Tensor:
+    """:func:`spatio_temporal_pool` plus P motion tokens that keep where *and* when.
+
+    ``tokens``: [B, T, P, D] patch features of T >= 2 frames. Returns [B, T + 2P, D]: the T temporal
+    and P spatial tokens of :func:`spatio_temporal_pool`, then for each patch ``p`` the change of
+    its feature from the first half of the clip to the second,
+    ``mean_{t >= T/2} tokens[:, t, p] - mean_{t < T/2} tokens[:, t, p]`` (for odd T the middle frame
+    is in neither half). Averaging over all frames smears a moving shape along its path and
+    averaging over space loses its place, so neither says which way it moved; the motion tokens do:
+    a shape moving right leaves a negative trace on the left patches and a positive one on the right.
+    """
+    t = tokens.shape[1]
+    if t < 2:
+        raise ValueError(f"motion tokens need at least 2 frames, got {t}")
+    half = t // 2
+    motion = tokens[:, t - half :].mean(dim=1) - tokens[:, :half].mean(dim=1)
+    return torch.cat([spatio_temporal_pool(tokens), motion], dim=1)
+
+
 def build_projector(in_dim: int, out_dim: int, seed: int, path: str | Path | None = None) -> Projector:
     """The projector: loaded from ``path`` when given, else freshly initialised from ``seed``."""
     with torch.random.fork_rng():
@@ -175,7 +194,7 @@ class VideoInputs(nn.Module):
         with torch.no_grad():
             dummy = torch.zeros(1, 3, self.image_size, self.image_size)
             pooled, tokens = self.vision(dummy)
-        return tokens.shape[-1] if self.cfg.visual_tokens == "patch" else pooled.shape[-1]
+        return pooled.shape[-1] if self.cfg.visual_tokens == "pooled" else tokens.shape[-1]
 
     @property
     def device(self) -> torch.device:
@@ -210,6 +229,8 @@ class VideoInputs(nn.Module):
         pooled, tokens = self.vision(pixels.flatten(0, 1).to(weight.device, weight.dtype))
         if self.cfg.visual_tokens == "patch":
             return spatio_temporal_pool(tokens.view(b, t, *tokens.shape[1:]))
+        if self.cfg.visual_tokens == "motion":
+            return spatio_temporal_motion_pool(tokens.view(b, t, *tokens.shape[1:]))
         return pooled.view(b, t, -1)
 
     def prompt_ids(self, question: str, video: bool = True) -> list[int]:
