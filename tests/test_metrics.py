@@ -65,6 +65,7 @@ def value(samples: Samples, name: str, **labels: str) -> float | None:
 
 def test_metrics_of_a_run_reach_the_nodes_prometheus_endpoint(small_config: Config) -> None:
     cfg = small_config
+    cfg.model.visual_tokens = "motion"  # the default's tokens, through the whole loop once
     cfg.sft.enabled = False
     cfg.rl.steps, cfg.rl.prompts_per_step, cfg.rl.group_size = 3, 8, 4
     cfg.rl.eval_every, cfg.rl.eval_examples = 2, 16

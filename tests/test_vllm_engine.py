@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import ray
 import torch
+from conftest import TEST_VISUAL_TOKENS
 
 from rlaif_ray.config import Config, load_config
 from rlaif_ray.data.dataset import VideoQAExample, load_jsonl
@@ -36,6 +37,7 @@ def vllm_config(synthetic_dir: Path, model_dir: Path, work: Path, *overrides: st
             f"data.test={synthetic_dir / 'test.jsonl'}",
             "data.synthetic_dir=null",
             f"model.path={model_dir}",
+            TEST_VISUAL_TOKENS,  # the colour checkpoint's
             "model.build_tiny_if_missing=false",
             "sft.enabled=false",
             "rollout.engine=vllm",
