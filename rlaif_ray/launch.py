@@ -740,8 +740,8 @@ class Trainer:
             "eval_split": cfg.rl.eval_split,
             "accuracy_before": before["accuracy"],
             "accuracy_after": after["accuracy"],
-            "part_accuracy_before": before["part_accuracy"],
-            "part_accuracy_after": after["part_accuracy"],
+            "part_accuracy_before": before.get("part_accuracy"),  # (absent in runs resumed from older code)
+            "part_accuracy_after": after.get("part_accuracy"),
             "per_type_before": before["per_type"],
             "per_type_after": after["per_type"],
             "eval_examples": after["n"],
