@@ -134,8 +134,14 @@ def test_stopped_job_resumes_exactly(small_config: Config, colour_checkpoint: Pa
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(cfg.to_dict()))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # Ctrl-C as in a terminal: a test run in the background (nohup, `cmd &`) inherits SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt handler; the driver gets it back.
+    ctrl_c_able = (
+        "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "runpy.run_module('rlaif_ray.launch', run_name='__main__')"
+    )
     driver = subprocess.Popen(
-        [sys.executable, "-m", "rlaif_ray.launch", "--config", str(config_file)],
+        [sys.executable, "-c", ctrl_c_able, "--config", str(config_file)],
         cwd=ROOT,
         env=env,
         start_new_session=True,
