@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 
 from rlaif_ray.data.dataset import VideoQAExample, save_jsonl
-from rlaif_ray.data.video import write_video
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -171,6 +170,8 @@ def generate(
     n_val, n_test = round(n_videos * val_frac), round(n_videos * test_frac)
     if min(val_frac, test_frac) < 0 or n_val + n_test >= n_videos:
         raise ValueError(f"val_frac={val_frac}, test_frac={test_frac} leave no training video of {n_videos}")
+
+    from rlaif_ray.data.video import write_video  # PyAV and decord: only when writing videos
 
     out_dir = Path(out_dir)
     video_dir = out_dir / "videos"
