@@ -17,10 +17,9 @@ plain worker built by a test) recording does nothing.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Literal
-
-import ray
 
 Kind = Literal["counter", "gauge", "histogram"]
 
@@ -130,7 +129,10 @@ class Telemetry:
             raise ValueError(f"metric {name!r} takes the tags {spec.tags}, got {tuple(tags)}")
         if kind == "counter" and value < 0:
             raise ValueError(f"counter {name!r} cannot decrease (got {value})")
-        if not ray.is_initialized():
+        # Ray is imported only where it already runs: the plain classes (SFT, the workers) are built
+        # and used without it, on a machine that may not even have it (bench/gpu_check.py).
+        ray = sys.modules.get("ray")
+        if ray is None or not ray.is_initialized():
             return
         actor = self.actor or ray.get_runtime_context().get_actor_name() or "driver"
         all_tags = {"role": self.role, "actor": actor, **tags}

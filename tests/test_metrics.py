@@ -4,6 +4,8 @@ Prometheus endpoint (its metrics export port) after a few steps of the real loop
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 import ray
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.gpu_check import MODULES
 from rlaif_ray.config import Config
 from rlaif_ray.launch import run
 from rlaif_ray.learner.engine import free_port
@@ -34,6 +37,21 @@ def test_a_call_that_does_not_match_the_declaration_fails_loudly() -> None:
     telemetry.count_to("rlaif_groups_dropped", 3, reason="stale")  # outside Ray: nothing recorded
     with pytest.raises(ValueError, match="cannot decrease"):
         telemetry.count_to("rlaif_groups_dropped", 2, reason="stale")
+
+
+def test_the_plain_classes_import_and_record_without_ray() -> None:
+    """The GPU check's machine has no Ray: SFT, the workers and the learner must import, and record
+    metrics, without importing it (telemetry once imported Ray at the top and broke that)."""
+    code = (
+        "import importlib, sys\n"
+        f"for name in {MODULES!r}: importlib.import_module(name)\n"
+        "from rlaif_ray.telemetry import Telemetry\n"
+        "Telemetry('rollout', 'rollout-0').count('rlaif_groups_sampled')\n"
+        "print(sorted(m for m in ('ray', 'vllm') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
 
 
 def test_every_metric_is_named_in_the_readme_and_the_grafana_dashboard() -> None:
