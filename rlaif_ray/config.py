@@ -96,6 +96,14 @@ class SFTConfig:
     zero_stage: int = 2
     eval_every: int = 100
     log_every: int = 20
+    # Continue from this finished SFT checkpoint (its adapter and projector) instead of the base
+    # model: "more SFT" from a warm start, against RL from the same one (docs/BENCHMARKS.md).
+    init_from: str | None = None
+    # Stop once training has taken this many seconds (evaluations excluded); 0: no limit, steps rule.
+    time_limit_s: float = 0.0
+    # Save the evaluated state with the best val accuracy (evaluated every eval_every steps and at
+    # the end) instead of the last: a converged SFT chosen on val.
+    keep_best: bool = False
 
 
 @dataclass
@@ -333,6 +341,7 @@ def validate(cfg: Config) -> Config:
         ("sft.weight_decay", cfg.sft.weight_decay),
         ("sft.warmup_steps", cfg.sft.warmup_steps),
         ("sft.grad_clip", cfg.sft.grad_clip),
+        ("sft.time_limit_s", cfg.sft.time_limit_s),
         ("model.lora_dropout", cfg.model.lora_dropout),
         ("rollout.num_cpus_per_actor", cfg.rollout.num_cpus_per_actor),
         ("rollout.num_gpus_per_actor", cfg.rollout.num_gpus_per_actor),

@@ -5,6 +5,10 @@
 Writes the checkpoint to ``sft.output_dir`` (``adapter/``, ``projector.safetensors``,
 ``policy.json``), its per-step log to ``sft_metrics.jsonl`` and ``sft_state.json``, which marks the
 checkpoint finished so that ``rlaif_ray.launch`` reuses it.
+
+``sft.init_from`` continues from a finished checkpoint, ``sft.time_limit_s`` stops on training
+time (evaluations excluded) and ``sft.keep_best`` saves the evaluation with the best val accuracy:
+together, "more SFT for the same time" and "a converged SFT chosen on val" (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -107,8 +111,26 @@ def training_batch(
     return policy.pixels(frames), prompts, answers
 
 
+def init_checkpoint(cfg: Config) -> str | None:
+    """``sft.init_from``, checked: a finished SFT checkpoint other than ``sft.output_dir``."""
+    folder = cfg.sft.init_from
+    if folder is None:
+        return None
+    if Path(folder).resolve() == Path(cfg.sft.output_dir).resolve():
+        raise ValueError(f"sft.init_from = {folder!r} is sft.output_dir: continue into another folder")
+    if finished_checkpoint(folder) is None:
+        raise ValueError(f"sft.init_from = {folder!r}: no finished SFT checkpoint there (no {SFT_STATE})")
+    return folder
+
+
+def save_checkpoint(policy: VideoLMPolicy, out: Path) -> None:
+    with gathered_trainable(policy):  # under ZeRO-3 the trainable tensors are partitioned
+        policy.save(out)
+
+
 def run_sft(cfg: Config) -> dict[str, Any]:
-    """Train, evaluate on the val split, save; returns the final state written to ``sft_state.json``."""
+    """Train (from the base model or ``sft.init_from``), evaluate on the val split, save (the last
+    state, or the best on val under ``sft.keep_best``); returns the state written to ``sft_state.json``."""
     setup_logging(cfg.log_level)
     ensure_data(cfg)
     model_dir = ensure_model(cfg)
@@ -124,7 +146,8 @@ def run_sft(cfg: Config) -> dict[str, Any]:
     val = load_jsonl(cfg.data.val, on_error=cfg.data.on_bad_line)
     if not train:
         raise ValueError(f"{cfg.data.train}: no example with an answer to train on")
-    policy = VideoLMPolicy.from_folder(model_dir, cfg.model, seed=cfg.seed)
+    start_dir = init_checkpoint(cfg) or model_dir
+    policy = VideoLMPolicy.from_folder(start_dir, cfg.model, seed=cfg.seed)
     store = FrameStore(cfg.model.num_frames, policy.image_size, max_pixels=cfg.data.max_video_pixels)
     init_distributed("gloo" if not torch.cuda.is_available() else "nccl")
     engine = build_engine(
@@ -140,9 +163,37 @@ def run_sft(cfg: Config) -> dict[str, Any]:
     )
 
     start = time.time()
-    history = []
+    train_s = 0.0  # training time alone: what sft.time_limit_s limits
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None  # the history entry saved under sft.keep_best
+
+    def evaluate_val(step: int) -> dict[str, Any]:
+        """Evaluate on val, note it in ``history`` and, when it is the best so far under
+        ``sft.keep_best``, save it."""
+        nonlocal best
+        policy.eval()
+        result = evaluate(greedy_answer_fn(policy, cfg.rollout.max_new_tokens), val, store)
+        policy.train()
+        entry = {
+            "step": step,
+            "wall_s": time.time() - start,
+            "train_s": train_s,
+            "val_accuracy": result["accuracy"],
+            "val_part_accuracy": result["part_accuracy"],
+        }
+        history.append(entry)
+        if cfg.sft.keep_best and (best is None or entry["val_accuracy"] > best["val_accuracy"]):
+            best = entry
+            save_checkpoint(policy, out)
+        return result
+
+    if cfg.sft.keep_best:  # the starting point is a candidate too
+        evaluate_val(0)
+    step = 0
     with (out / "sft_metrics.jsonl").open("w") as metrics:
-        for step in range(1, cfg.sft.steps + 1):
+        while step < cfg.sft.steps:
+            step += 1
+            tick = time.time()
             batch = training_batch(policy, store, rng.sample(train, min(cfg.sft.batch_size, len(train))))
             if batch is None:
                 continue
@@ -151,14 +202,16 @@ def run_sft(cfg: Config) -> dict[str, Any]:
             loss = sft_loss(logprobs, mask)
             engine.backward(loss)
             engine.step()
-            record: dict[str, Any] = {"step": step, "loss": loss.item(), "wall_s": time.time() - start}
-            if step % cfg.sft.eval_every == 0 or step == cfg.sft.steps:
-                policy.eval()
-                record["val"] = evaluate(greedy_answer_fn(policy, cfg.rollout.max_new_tokens), val, store)
-                policy.train()
-                history.append(
-                    {"step": step, "wall_s": record["wall_s"], "val_accuracy": record["val"]["accuracy"]}
-                )
+            train_s += time.time() - tick
+            out_of_time = 0 < cfg.sft.time_limit_s <= train_s
+            record: dict[str, Any] = {
+                "step": step,
+                "loss": loss.item(),
+                "wall_s": time.time() - start,
+                "train_s": train_s,
+            }
+            if step % cfg.sft.eval_every == 0 or step == cfg.sft.steps or out_of_time:
+                record["val"] = evaluate_val(step)
             if step % cfg.sft.log_every == 0 or "val" in record:
                 val_text = f" val_acc={record['val']['accuracy']:.3f}" if "val" in record else ""
                 print(
@@ -167,12 +220,20 @@ def run_sft(cfg: Config) -> dict[str, Any]:
                     flush=True,
                 )
             metrics.write(json.dumps(record) + "\n")
-    with gathered_trainable(policy):  # under ZeRO-3 the trainable tensors are partitioned
-        policy.save(out)
+            if out_of_time:
+                print(
+                    f"[sft] sft.time_limit_s={cfg.sft.time_limit_s:g} reached after step {step}", flush=True
+                )
+                break
+    if not cfg.sft.keep_best or best is None:
+        save_checkpoint(policy, out)
     state = {
         "finished": True,
-        "steps": cfg.sft.steps,
+        "steps": step,
+        "saved_step": best["step"] if cfg.sft.keep_best and best else step,
+        "init_from": cfg.sft.init_from,
         "wall_s": time.time() - start,
+        "train_s": train_s,
         "history": history,
         "skipped_videos": store.skipped_videos,
         "model": str(model_dir),
