@@ -1,14 +1,14 @@
 """Learning comparisons under one protocol: arms (task x method x seed), val to choose, test to report.
 
-    python bench/learning.py [--tasks default graded] [--methods dcg score] [--seeds 0 1 2]
-        [--minutes 10] [--name learning] [--report-only] [key=value ...]
+    python bench/learning.py [--tasks default graded converged] [--methods start dcg score sft]
+        [--seeds 0 1 2] [--minutes 10] [--name learning] [--report-only] [key=value ...]
 
-Every arm is one run of the whole Ray pipeline (``rlaif_ray.launch.run``) from the task's SFT
+Every RL arm is one run of the whole Ray pipeline (``rlaif_ray.launch.run``) from the task's SFT
 warm start (trained once per task, shared by the seeds: its fingerprint leaves the seed out), for
 ``--minutes`` of RL wall time (``rl.time_limit_s``; evaluations do not count), evaluated on the val
 split every ``rl.eval_every`` steps (``rl.eval_split=val``: choose settings there) and once on
 the test split at the end (``rl.final_test``: report that). ``seed=S`` sets the initialisation of
-what RL adds and the order of the prompts.
+what RL adds, the order of the prompts and the sampling; the data and the warm start are the task's.
 
 Arms are resumable in parts: each finished arm writes ``bench/results/<name>/<task>-<method>-seed<S>.json``
 and is skipped when that file exists, so the comparison can be run a few arms at a time (by
@@ -17,15 +17,25 @@ accumulated. The report, ``bench/results/<name>.json``, gives per task and metho
 over the seeds: test exact-match and part accuracy at the end, and the val accuracy at the end and
 averaged over the second half of the evaluations (one noisy evaluation moves an end point more).
 
-Tasks: ``default`` (the built-in task: one-word answers) and ``graded`` (``describe`` questions
-only, "red circle up", judged part by part: data generated into ``data/graded/``, its own SFT
-checkpoint). Methods (the ground-truth oracle's orderings or scores in every case):
+Tasks, each with its own generated data (val 10%, test 20% of the videos: 800 test questions) and
+its own warm start:
 
+* ``default``: the built-in task (colour, shape, direction, count; one-word answers), 1000 videos;
+* ``graded``: ``describe`` questions only ("red circle up", judged part by part), 4000 videos;
+* ``converged``: the default task's data with a long SFT (``sft.keep_best``: the evaluation with the
+  best val accuracy is the warm start), to ask whether RL adds anything to a converged SFT.
+
+Methods (the ground-truth oracle's orderings or scores in every RL case):
+
+* ``start``: the warm start itself, evaluated (no training; greedy evaluation has no seed, so one
+  arm, whatever ``--seeds`` says);
 * ``dcg``: GRPO_rank, DCG rank advantages;
 * ``dcg_std``: the same, standardised per group like GRPO's advantages (the same scale: a
   different step size is then not what makes the difference);
 * ``score``: plain GRPO on binary correctness;
-* ``score_parts``: plain GRPO on part accuracy (a graded scalar reward).
+* ``score_parts``: plain GRPO on part accuracy (a graded scalar reward);
+* ``sft``: more SFT from the warm start on the same training questions, for the same minutes of
+  training time (``sft.init_from``, ``sft.time_limit_s``), evaluated on val about as often as RL.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,22 +55,48 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, print_table, write_result  # noqa: E402
 from rlaif_ray.config import load_config  # noqa: E402
 from rlaif_ray.launch import run  # noqa: E402
+from rlaif_ray.sft import finished_checkpoint  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 METHODS: dict[str, list[str]] = {
+    "start": ["rl.steps=0"],
     "dcg": ["algo.advantage=dcg"],
     "dcg_std": ["algo.advantage=dcg_std"],
     "score": ["algo.advantage=score", "ranker.score=binary"],
     "score_parts": ["algo.advantage=score", "ranker.score=parts"],
+    "sft": [],  # not an RL run: see run_sft_arm
 }
+# SFT steps between val evaluations in an `sft` arm: ~34 s, as RL's 20 steps of ~1.7 s.
+SFT_EVAL_EVERY = 200
+
+
+def task_data(folder: str, videos: int, *extra: str) -> list[str]:
+    """Overrides for a task generated into ``data/<folder>`` with 800+ test questions."""
+    return [
+        f"data.synthetic_dir=data/{folder}",
+        f"data.train=data/{folder}/train.jsonl",
+        f"data.val=data/{folder}/val.jsonl",
+        f"data.test=data/{folder}/test.jsonl",
+        f"data.synthetic_videos={videos}",
+        "data.synthetic_val_frac=0.1",
+        "data.synthetic_test_frac=0.2",
+        *extra,
+    ]
+
+
 TASKS: dict[str, list[str]] = {
-    "default": [],
+    "default": [*task_data("bench_default", 1000), "sft.output_dir=checkpoints/sft_bench_default"],
     "graded": [
-        "data.synthetic_dir=data/graded",
-        "data.train=data/graded/train.jsonl",
-        "data.val=data/graded/val.jsonl",
-        "data.test=data/graded/test.jsonl",
-        "data.synthetic_question_types=[describe]",
-        "sft.output_dir=checkpoints/sft_graded",
+        *task_data("bench_graded", 4000, "data.synthetic_question_types=[describe]"),
+        "sft.output_dir=checkpoints/sft_bench_graded",
+    ],
+    "converged": [
+        *task_data("bench_default", 1000),
+        "sft.steps=2400",
+        "sft.eval_every=200",
+        "sft.keep_best=true",
+        "sft.output_dir=checkpoints/sft_bench_converged",
     ],
 }
 
@@ -68,49 +105,127 @@ def arm_overrides(task: str, method: str, seed: int, minutes: float, name: str) 
     """The config overrides of one arm."""
     return [
         *TASKS[task],
-        *METHODS[method],
         f"seed={seed}",
         "rl.steps=100000",
         f"rl.time_limit_s={minutes * 60}",
         "rl.eval_split=val",
         "rl.final_test=true",
         f"run_dir=runs/bench_{name}/{task}-{method}-seed{seed}",
+        *METHODS[method],
     ]
 
 
 def second_half_mean(evals: list[dict[str, Any]]) -> float:
-    """The mean accuracy of the evaluations in the second half of the run (by step)."""
+    """The mean accuracy of the evaluations in the second half of the run (by step); the last
+    evaluation's when there is no step (a ``start`` arm)."""
     last = evals[-1]["step"]
-    later = [e["accuracy"] for e in evals if e["step"] > last / 2]
+    later = [e["accuracy"] for e in evals if e["step"] > last / 2] or [evals[-1]["accuracy"]]
     return statistics.mean(later)
 
 
-def run_arm(args: argparse.Namespace, task: str, method: str, seed: int, path: Path) -> None:
-    cfg = load_config(
-        args.config, [*args.overrides, *arm_overrides(task, method, seed, args.minutes, args.name)]
-    )
-    summary = run(cfg)
-    arm = {
-        "task": task,
-        "method": method,
-        "seed": seed,
-        "minutes": args.minutes,
-        "overrides": [*args.overrides, *arm_overrides(task, method, seed, args.minutes, args.name)],
-        "steps": summary["steps"],
-        "rl_wall_s": summary["rl_wall_s"],
-        "val_before": summary["accuracy_before"],
-        "val_after": summary["accuracy_after"],
-        "val_second_half": second_half_mean(summary["evals"]),
-        "test_accuracy": summary["test"]["accuracy"],
-        "test_part_accuracy": summary["test"]["part_accuracy"],
-        "test_per_type": summary["test"]["per_type"],
-        "test_examples": summary["test"]["n"],
-        "evals": summary["evals"],
-    }
+def write_arm(path: Path, arm: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(arm, indent=2) + "\n")
     tmp.replace(path)  # an arm's file exists only once the arm is whole
+
+
+def run_arm(args: argparse.Namespace, task: str, method: str, seed: int, path: Path) -> None:
+    overrides = [*args.overrides, *arm_overrides(task, method, seed, args.minutes, args.name)]
+    summary = run(load_config(args.config, overrides))
+    write_arm(
+        path,
+        {
+            "task": task,
+            "method": method,
+            "seed": seed,
+            "minutes": args.minutes,
+            "overrides": overrides,
+            "steps": summary["steps"],
+            "train_s": summary["rl_wall_s"],
+            "val_before": summary["accuracy_before"],
+            "val_after": summary["accuracy_after"],
+            "val_second_half": second_half_mean(summary["evals"]),
+            "test_accuracy": summary["test"]["accuracy"],
+            "test_part_accuracy": summary["test"]["part_accuracy"],
+            "test_per_type": summary["test"]["per_type"],
+            "test_examples": summary["test"]["n"],
+            "evals": summary["evals"],
+        },
+    )
+
+
+def run_sft_arm(args: argparse.Namespace, task: str, seed: int, path: Path) -> None:
+    """More SFT from the task's warm start for ``--minutes`` of training time, then the test split."""
+    cfg = load_config(args.config, [*args.overrides, *TASKS[task]])
+    warm = finished_checkpoint(cfg.sft.output_dir)
+    if warm is None:  # made (or reused) the way an RL arm makes it, and evaluated: the start arm
+        start = RESULTS / args.name / f"{task}-start-seed0.json"
+        if not start.exists():
+            run_arm(args, task, "start", 0, start)
+        warm = finished_checkpoint(cfg.sft.output_dir)
+        assert warm is not None, cfg.sft.output_dir
+    folder = Path(f"runs/bench_{args.name}/{task}-sft-seed{seed}")
+    overrides = [
+        *args.overrides,
+        *TASKS[task],
+        f"seed={seed}",
+        f"sft.init_from={cfg.sft.output_dir}",
+        f"sft.output_dir={folder / 'sft'}",
+        "sft.steps=100000000",
+        f"sft.time_limit_s={args.minutes * 60}",
+        f"sft.eval_every={SFT_EVAL_EVERY}",
+        "sft.keep_best=false",
+    ]
+    subprocess.run(
+        [sys.executable, "-m", "rlaif_ray.sft", "--config", args.config, *overrides], check=True, cwd=ROOT
+    )
+    state = finished_checkpoint(folder / "sft")
+    assert state is not None, folder
+    test_file = folder / "test.json"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rlaif_ray.evaluate",
+            "--checkpoint",
+            str(folder / "sft"),
+            "--data",
+            cfg.data.test,
+            "--out",
+            str(test_file),
+        ],
+        check=True,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+    )
+    test = json.loads((ROOT / test_file).read_text())
+    start_step = warm.get("saved_step", warm["steps"])
+    before = next(h for h in warm["history"] if h["step"] == start_step)
+    evals = [{"step": 0, "accuracy": before["val_accuracy"]}] + [
+        {"step": h["step"], "accuracy": h["val_accuracy"], "part_accuracy": h["val_part_accuracy"]}
+        for h in state["history"]
+    ]
+    write_arm(
+        path,
+        {
+            "task": task,
+            "method": "sft",
+            "seed": seed,
+            "minutes": args.minutes,
+            "overrides": overrides,
+            "steps": state["steps"],
+            "train_s": state["train_s"],
+            "val_before": before["val_accuracy"],
+            "val_after": evals[-1]["accuracy"],
+            "val_second_half": second_half_mean(evals),
+            "test_accuracy": test["accuracy"],
+            "test_part_accuracy": test["part_accuracy"],
+            "test_per_type": test["per_type"],
+            "test_examples": test["n"],
+            "evals": evals,
+        },
+    )
 
 
 def mean_sd(values: list[float]) -> dict[str, float]:
@@ -124,7 +239,8 @@ def report(name: str) -> dict[str, Any]:
     for arm in arms:
         groups.setdefault((arm["task"], arm["method"]), []).append(arm)
     table = []
-    for (task, method), group in sorted(groups.items()):
+    order = [(t, m) for t in TASKS for m in METHODS]
+    for (task, method), group in sorted(groups.items(), key=lambda item: order.index(item[0])):
         table.append(
             {
                 "task": task,
@@ -160,7 +276,7 @@ def report(name: str) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/default.yaml")
-    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=["default", "graded"])
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--minutes", type=float, default=10.0, help="RL wall time per arm")
@@ -173,13 +289,16 @@ def main() -> None:
     if not args.report_only:
         for task in args.tasks:
             for method in args.methods:
-                for seed in args.seeds:
+                for seed in args.seeds[:1] if method == "start" else args.seeds:
                     path = RESULTS / args.name / f"{task}-{method}-seed{seed}.json"
                     if path.exists():
                         print(f"== {path.name}: done already", flush=True)
                         continue
                     print(f"== arm {task} {method} seed {seed}", flush=True)
-                    run_arm(args, task, method, seed, path)
+                    if method == "sft":
+                        run_sft_arm(args, task, seed, path)
+                    else:
+                        run_arm(args, task, method, seed, path)
     result = report(args.name)
     path = write_result(args.name, {"config": args.config, "overrides": args.overrides, **result})
     print(f"wrote {path}")
