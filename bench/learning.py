@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -232,8 +233,20 @@ def mean_sd(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
+def paired_difference(arms: list[dict[str, Any]], base: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """``arm[key] - base[key]`` for each seed both have: per seed, and mean ± sd. The seeds share
+    the data, the warm start and the prompt order, so the paired difference is less noisy than the
+    difference of two means."""
+    ours, theirs = {a["seed"]: a[key] for a in arms}, {a["seed"]: a[key] for a in base}
+    seeds = sorted(ours.keys() & theirs.keys())
+    diffs = [ours[s] - theirs[s] for s in seeds]
+    return {"seeds": seeds, "per_seed": diffs, **(mean_sd(diffs) if diffs else {})}
+
+
 def report(name: str) -> dict[str, Any]:
-    """Mean ± sd over seeds per (task, method) of every arm file under bench/results/<name>/."""
+    """Mean ± sd over seeds per (task, method) of every arm file under bench/results/<name>/, the
+    binomial standard error of one test evaluation, and each method's paired difference from
+    ``dcg`` (GRPO_rank) on the same task and seeds."""
     arms = [json.loads(p.read_text()) for p in sorted((RESULTS / name).glob("*.json"))]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for arm in arms:
@@ -259,8 +272,21 @@ def report(name: str) -> dict[str, Any]:
                 },
             }
         )
+        p, n = table[-1]["test_accuracy"]["mean"], group[0]["test_examples"]
+        table[-1]["test_standard_error"] = math.sqrt(p * (1 - p) / n)
+        if method not in ("dcg", "start") and (task, "dcg") in groups:
+            table[-1]["minus_dcg"] = {
+                key: paired_difference(group, groups[(task, "dcg")], key)
+                for key in ("test_accuracy", "test_part_accuracy", "val_second_half")
+            }
     rows = [
-        [r["task"], r["method"], len(r["seeds"]), round(r["steps"]["mean"])]
+        [
+            r["task"],
+            r["method"],
+            len(r["seeds"]),
+            round(r["steps"]["mean"]),
+            f"{r['test_standard_error']:.3f}",
+        ]
         + [
             f"{r[k]['mean']:.3f} ± {r[k]['sd']:.3f}"
             for k in ("test_accuracy", "test_part_accuracy", "val_after", "val_second_half")
@@ -268,8 +294,21 @@ def report(name: str) -> dict[str, Any]:
         for r in table
     ]
     print_table(
-        ["task", "method", "seeds", "steps", "test_acc", "test_parts", "val_end", "val_2nd_half"], rows
+        ["task", "method", "seeds", "steps", "test_se", "test_acc", "test_parts", "val_end", "val_2nd_half"],
+        rows,
     )
+    diffs = [
+        [r["task"], r["method"], len(r["minus_dcg"]["test_accuracy"]["seeds"])]
+        + [
+            f"{d['mean']:+.3f} ± {d['sd']:.3f}"
+            for d in (r["minus_dcg"][k] for k in ("test_accuracy", "test_part_accuracy", "val_second_half"))
+        ]
+        for r in table
+        if r.get("minus_dcg") and r["minus_dcg"]["test_accuracy"]["seeds"]
+    ]
+    if diffs:
+        print("\nminus dcg, paired by seed (mean ± sd of the per-seed differences):")
+        print_table(["task", "method", "seeds", "test_acc", "test_parts", "val_2nd_half"], diffs)
     return {"arms": len(arms), "table": table}
 
 
