@@ -124,6 +124,20 @@ def second_half_mean(evals: list[dict[str, Any]]) -> float:
     return statistics.mean(later)
 
 
+def loop_signal(run_dir: str | Path) -> dict[str, float]:
+    """How much the RL updates had to learn from, from the run's ``metrics.jsonl``: the fraction of
+    groups skipped as all-tied (no ordering: every answer equal), and the second half's mean
+    sampled accuracy and KL to the warm start."""
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    later = records[len(records) // 2 :]
+    return {
+        "groups_tied_fraction": sum(r["learner"]["groups_skipped_tied"] for r in records)
+        / max(1, sum(r["learner"]["groups"] for r in records)),
+        "sampled_accuracy_second_half": statistics.mean(r["sampled_accuracy"] for r in later),
+        "kl_second_half": statistics.mean(r["learner"]["kl"] for r in later),
+    }
+
+
 def write_arm(path: Path, arm: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -133,7 +147,8 @@ def write_arm(path: Path, arm: dict[str, Any]) -> None:
 
 def run_arm(args: argparse.Namespace, task: str, method: str, seed: int, path: Path) -> None:
     overrides = [*args.overrides, *arm_overrides(task, method, seed, args.minutes, args.name)]
-    summary = run(load_config(args.config, overrides))
+    cfg = load_config(args.config, overrides)
+    summary = run(cfg)
     write_arm(
         path,
         {
@@ -152,6 +167,7 @@ def run_arm(args: argparse.Namespace, task: str, method: str, seed: int, path: P
             "test_per_type": summary["test"]["per_type"],
             "test_examples": summary["test"]["n"],
             "evals": summary["evals"],
+            **(loop_signal(cfg.run_dir) if summary["steps"] else {}),
         },
     )
 
@@ -272,6 +288,9 @@ def report(name: str) -> dict[str, Any]:
                 },
             }
         )
+        for key in ("groups_tied_fraction", "sampled_accuracy_second_half", "kl_second_half"):
+            if all(key in a for a in group):
+                table[-1][key] = mean_sd([a[key] for a in group])
         p, n = table[-1]["test_accuracy"]["mean"], group[0]["test_examples"]
         table[-1]["test_standard_error"] = math.sqrt(p * (1 - p) / n)
         if method not in ("dcg", "start") and (task, "dcg") in groups:
