@@ -264,6 +264,8 @@ def report(name: str) -> dict[str, Any]:
     binomial standard error of one test evaluation, and each method's paired difference from
     ``dcg`` (GRPO_rank) on the same task and seeds."""
     arms = [json.loads(p.read_text()) for p in sorted((RESULTS / name).glob("*.json"))]
+    if not arms:
+        raise SystemExit(f"no arm results under {RESULTS / name}/: run some arms first (see --help)")
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for arm in arms:
         groups.setdefault((arm["task"], arm["method"]), []).append(arm)
