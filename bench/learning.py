@@ -138,6 +138,14 @@ def loop_signal(run_dir: str | Path) -> dict[str, float]:
     }
 
 
+def warm_start_record(cfg: Any) -> dict[str, Any]:
+    """The task's SFT warm start as ``sft_state.json`` describes it: steps, the step saved (the
+    best on val under ``sft.keep_best``), training time and its val curve."""
+    state = finished_checkpoint(cfg.sft.output_dir)
+    assert state is not None, cfg.sft.output_dir
+    return {key: state.get(key) for key in ("steps", "saved_step", "train_s", "wall_s", "history")}
+
+
 def write_arm(path: Path, arm: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -167,7 +175,7 @@ def run_arm(args: argparse.Namespace, task: str, method: str, seed: int, path: P
             "test_per_type": summary["test"]["per_type"],
             "test_examples": summary["test"]["n"],
             "evals": summary["evals"],
-            **(loop_signal(cfg.run_dir) if summary["steps"] else {}),
+            **(loop_signal(cfg.run_dir) if summary["steps"] else {"warm_start": warm_start_record(cfg)}),
         },
     )
 
