@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, print_table, write_result  # noqa: E402
 from rlaif_ray.config import load_config  # noqa: E402
 from rlaif_ray.launch import run  # noqa: E402
-from rlaif_ray.sft import finished_checkpoint  # noqa: E402
+from rlaif_ray.sft import fingerprint, fingerprint_differences, finished_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -183,13 +183,16 @@ def run_arm(args: argparse.Namespace, task: str, method: str, seed: int, path: P
 def run_sft_arm(args: argparse.Namespace, task: str, seed: int, path: Path) -> None:
     """More SFT from the task's warm start for ``--minutes`` of training time, then the test split."""
     cfg = load_config(args.config, [*args.overrides, *TASKS[task]])
+    start = RESULTS / args.name / f"{task}-start-seed0.json"
+    if not start.exists():  # the warm start made (or reused) as an RL arm makes it, and evaluated
+        run_arm(args, task, "start", 0, start)
     warm = finished_checkpoint(cfg.sft.output_dir)
-    if warm is None:  # made (or reused) the way an RL arm makes it, and evaluated: the start arm
-        start = RESULTS / args.name / f"{task}-start-seed0.json"
-        if not start.exists():
-            run_arm(args, task, "start", 0, start)
-        warm = finished_checkpoint(cfg.sft.output_dir)
-        assert warm is not None, cfg.sft.output_dir
+    differences = fingerprint_differences(warm and warm.get("fingerprint"), fingerprint(cfg, cfg.model.path))
+    if differences:
+        raise SystemExit(
+            f"{cfg.sft.output_dir} is not this task's warm start ({'; '.join(differences)}): "
+            f"remove it and {start}, then run the arm again"
+        )
     folder = Path(f"runs/bench_{args.name}/{task}-sft-seed{seed}")
     overrides = [
         *args.overrides,
