@@ -146,6 +146,38 @@ def warm_start_record(cfg: Any) -> dict[str, Any]:
     return {key: state.get(key) for key in ("steps", "saved_step", "train_s", "wall_s", "history")}
 
 
+def arm_record(
+    task: str,
+    method: str,
+    seed: int,
+    minutes: float,
+    overrides: list[str],
+    steps: int,
+    train_s: float,
+    evals: list[dict[str, Any]],
+    test: dict[str, Any],
+) -> dict[str, Any]:
+    """One arm's result: val before (``evals[0]``), at the end (``evals[-1]``) and over the second
+    half of its evaluations, and the final test evaluation."""
+    return {
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "minutes": minutes,
+        "overrides": overrides,
+        "steps": steps,
+        "train_s": train_s,
+        "val_before": evals[0]["accuracy"],
+        "val_after": evals[-1]["accuracy"],
+        "val_second_half": second_half_mean(evals),
+        "test_accuracy": test["accuracy"],
+        "test_part_accuracy": test["part_accuracy"],
+        "test_per_type": test["per_type"],
+        "test_examples": test["n"],
+        "evals": evals,
+    }
+
+
 def write_arm(path: Path, arm: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -157,27 +189,19 @@ def run_arm(args: argparse.Namespace, task: str, method: str, seed: int, path: P
     overrides = [*args.overrides, *arm_overrides(task, method, seed, args.minutes, args.name)]
     cfg = load_config(args.config, overrides)
     summary = run(cfg)
-    write_arm(
-        path,
-        {
-            "task": task,
-            "method": method,
-            "seed": seed,
-            "minutes": args.minutes,
-            "overrides": overrides,
-            "steps": summary["steps"],
-            "train_s": summary["rl_wall_s"],
-            "val_before": summary["accuracy_before"],
-            "val_after": summary["accuracy_after"],
-            "val_second_half": second_half_mean(summary["evals"]),
-            "test_accuracy": summary["test"]["accuracy"],
-            "test_part_accuracy": summary["test"]["part_accuracy"],
-            "test_per_type": summary["test"]["per_type"],
-            "test_examples": summary["test"]["n"],
-            "evals": summary["evals"],
-            **(loop_signal(cfg.run_dir) if summary["steps"] else {"warm_start": warm_start_record(cfg)}),
-        },
+    record = arm_record(
+        task,
+        method,
+        seed,
+        args.minutes,
+        overrides,
+        summary["steps"],
+        summary["rl_wall_s"],
+        summary["evals"],
+        summary["test"],
     )
+    record.update(loop_signal(cfg.run_dir) if summary["steps"] else {"warm_start": warm_start_record(cfg)})
+    write_arm(path, record)
 
 
 def run_sft_arm(args: argparse.Namespace, task: str, seed: int, path: Path) -> None:
@@ -236,23 +260,7 @@ def run_sft_arm(args: argparse.Namespace, task: str, seed: int, path: Path) -> N
     ]
     write_arm(
         path,
-        {
-            "task": task,
-            "method": "sft",
-            "seed": seed,
-            "minutes": args.minutes,
-            "overrides": overrides,
-            "steps": state["steps"],
-            "train_s": state["train_s"],
-            "val_before": before["val_accuracy"],
-            "val_after": evals[-1]["accuracy"],
-            "val_second_half": second_half_mean(evals),
-            "test_accuracy": test["accuracy"],
-            "test_part_accuracy": test["part_accuracy"],
-            "test_per_type": test["per_type"],
-            "test_examples": test["n"],
-            "evals": evals,
-        },
+        arm_record(task, "sft", seed, args.minutes, overrides, state["steps"], state["train_s"], evals, test),
     )
 
 
