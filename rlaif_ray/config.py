@@ -232,6 +232,13 @@ class LearnerConfig:
     # A learner not set up within this many seconds fails the run with what it waits for (e.g. a
     # lock file left by a killed build of DeepSpeed's CPU op) instead of hanging.
     setup_timeout_s: float = 900.0
+    # The learners' process-group timeout: a collective (a ZeRO-3 parameter gather, a gradient
+    # reduction) that does not complete within it fails the update with an error naming the
+    # learner and the update, and the loop restores the learners as after a crash, instead of
+    # hanging. Size it above the longest computation between two collectives on the slowest
+    # learner: a micro-batch's forward, reference pass and backward (a few seconds for the tiny
+    # default on a CPU; minutes for a 7B policy on long videos: configs/paper_7b.yaml).
+    collective_timeout_s: float = 1800.0
 
 
 @dataclass
@@ -368,6 +375,12 @@ def validate(cfg: Config) -> Config:
     ]
     for key, value in non_negative:
         _check(value >= 0, key, value, "a value >= 0")
+    _check(
+        cfg.learner.collective_timeout_s > 0,
+        "learner.collective_timeout_s",
+        cfg.learner.collective_timeout_s,
+        "a number of seconds > 0",
+    )
     _check(cfg.rollout.max_restarts >= -1, "rollout.max_restarts", cfg.rollout.max_restarts, "-1 or >= 0")
     from rlaif_ray.data.synthetic import ALL_TYPES
 

@@ -34,7 +34,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutErro
 from rlaif_ray.config import Config, ConfigError, flat_keys, load_config
 from rlaif_ray.data.dataset import check_data, load_jsonl
 from rlaif_ray.groups import Group
-from rlaif_ray.learner.worker import LearnerWorker, shard
+from rlaif_ray.learner.worker import LearnerCollectiveError, LearnerWorker, shard
 from rlaif_ray.logs import ScalarWriter, setup_logging
 from rlaif_ray.plot import plot_runs
 from rlaif_ray.prepare import ensure_data, ensure_model
@@ -423,11 +423,15 @@ class Trainer:
 
     def finish_syncs(self) -> bool:
         """Wait until every rollout actor holds the newest weights. A rollout actor that died is sent
-        them again once restarted. Returns False when a learner died (the export failed)."""
+        them again once restarted. Returns False when a learner died or its export's collective
+        failed."""
         while self.syncs:
             index, ref = self.syncs.pop(0)
             try:
                 ray.get(ref)
+            except LearnerCollectiveError as exc:  # the export (a collective) failed
+                log.error("%s", exc)
+                return False
             except RayActorError as exc:
                 if index < 0 or not self.learners_alive():
                     return False
@@ -444,8 +448,11 @@ class Trainer:
     def progress(self, until: list[Any] | None = None) -> bool:
         """Handle the next finished sampling or ranking request, or return True once every reference
         in ``until`` (the learner's update) is done: the rollouts and rankers work meanwhile."""
-        if until is not None and not ray.wait(until, num_returns=len(until), timeout=0)[1]:
-            return True
+        if until is not None:
+            finished, pending = ray.wait(until, num_returns=len(until), timeout=0)
+            ray.get(finished)  # a learner whose update failed fails it now, not once every rank is done
+            if not pending:
+                return True
         waiting = list(self.sampling) + self.pool.in_flight() + (until or [])
         if not waiting:
             raise RuntimeError("nothing is being sampled or ranked, yet no batch is ready")
@@ -616,7 +623,7 @@ class Trainer:
             while not self.progress(until=updates):
                 self.sample_ahead()
             learner_stats = ray.get(updates)[0]
-        except (RayActorError, LearnersDied) as exc:
+        except (RayActorError, LearnersDied, LearnerCollectiveError) as exc:
             self.restore_learners(exc)
             return None
         self.learning = 0

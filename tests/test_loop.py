@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from loop_checks import assert_versions_follow_updates
 from safetensors.torch import load_file
 
 from rlaif_ray.config import Config, apply_overrides, config_from_dict
@@ -57,18 +58,20 @@ def test_loop_runs_end_to_end(small_config: Config, tmp_path: Path) -> None:
         assert (run_dir / name).is_file(), name
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
-    # Groups reached the rankers and the learner; versions advance by one per step.
-    assert [r["weight_version"] for r in records] == [1, 2, 3, 4, 5]
+    # Groups reached the rankers and the learner; each applied update publishes the next version
+    # (a step whose groups all tie, which this easy task can reach, carries no signal and
+    # publishes none), and each step samples with the version the step before it left.
+    final_version = assert_versions_follow_updates(records)
     assert all(r["groups"] == 8 and r["samples"] == 32 for r in records)
     assert all(r["learner"]["rows"] > 0 for r in records)
-    # Each step samples with the version published after the previous step.
-    assert [r["rollout_versions"] for r in records] == [[0], [1], [2], [3], [4]]
     # It learns: the answer rewarded on every question is sampled more and more often.
     sampled = [r["sampled_accuracy"] for r in records]
     assert sum(sampled[-2:]) / 2 >= sampled[0] + 0.25, sampled
     assert summary["ranker"]["groups"] == 40 and summary["ranker"]["actors"] >= 1
     assert summary["ranker"]["scale_ups"] >= 1  # backlog 4 > 1 per actor: the pool grew
-    assert [s["version"] for s in summary["rollout"]] == [5, 5]  # every rollout actor serves the newest
+    # Every rollout actor serves the newest version.
+    assert summary["weight_version"] == final_version
+    assert [s["version"] for s in summary["rollout"]] == [final_version] * 2
     assert [e["step"] for e in summary["evals"]] == [0, 2, 4, 5]
     assert summary["eval_split"] == "val" and {e["n"] for e in summary["evals"]} == {12}
     assert summary["test"]["n"] == 16 and 0 <= summary["test"]["accuracy"] <= summary["test"]["part_accuracy"]
@@ -102,10 +105,18 @@ def test_loop_with_paper_scale_settings(small_config: Config, overrides: list[st
     cfg.learner.num_threads = 1
     summary = run(cfg)
     records = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
-    assert summary["steps"] == 2 and [r["rollout_versions"] for r in records] == [[0], [1]]
+    assert summary["steps"] == 2
+    final_version = assert_versions_follow_updates(records)
     assert all(r["learner"]["rows"] > 0 and math.isfinite(r["learner"]["loss"]) for r in records)
-    assert summary["weight_version"] == 2 and [s["version"] for s in summary["rollout"]] == [2]
-    assert (Path(cfg.run_dir) / "checkpoints" / "final" / "adapter" / "adapter_model.safetensors").is_file()
+    assert summary["weight_version"] == final_version
+    assert [s["version"] for s in summary["rollout"]] == [final_version]
+    # The weights changed: the run starts from the base model, whose LoRA B matrices are zero.
+    final = load_file(
+        str(Path(cfg.run_dir) / "checkpoints" / "final" / "adapter" / "adapter_model.safetensors")
+    )
+    lora_b = [t for name, t in final.items() if "lora_B" in name]
+    assert lora_b and any(bool(t.float().abs().sum() > 0) for t in lora_b)
+    assert all(bool(torch.isfinite(t.float()).all()) for t in final.values())
 
 
 def text_only(path: str, out: Path) -> str:
@@ -127,4 +138,5 @@ def test_loop_on_text_only_prompts(small_config: Config, tmp_path: Path) -> None
     records = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
     assert summary["steps"] == 2 and summary["eval_examples"] == 8
     assert all(r["groups"] == 4 and r["learner"]["rows"] > 0 for r in records)
-    assert summary["rollout"][0]["skipped_videos"] == 0 and summary["weight_version"] == 2
+    assert summary["rollout"][0]["skipped_videos"] == 0
+    assert summary["weight_version"] == assert_versions_follow_updates(records)

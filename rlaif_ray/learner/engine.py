@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -34,8 +35,11 @@ def init_distributed(
     world_size: int = 1,
     master_addr: str = "127.0.0.1",
     master_port: int | None = None,
+    timeout_s: float = 1800.0,
 ) -> None:
-    """Join (or create) the torch.distributed group DeepSpeed trains in; a no-op when already joined."""
+    """Join (or create) the torch.distributed group DeepSpeed trains in; a no-op when already joined.
+
+    A collective that does not complete within ``timeout_s`` raises instead of waiting for ever."""
     import deepspeed
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -55,8 +59,32 @@ def init_distributed(
     )
     with quiet_prints():
         deepspeed.init_distributed(
-            dist_backend=backend, auto_mpi_discovery=False, verbose=False, rank=rank, world_size=world_size
+            dist_backend=backend,
+            auto_mpi_discovery=False,
+            verbose=False,
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=timeout_s),
         )
+
+
+def set_collective_timeout(timeout_s: float) -> None:
+    """Give every process group of this process ``timeout_s`` per collective.
+
+    ``init_distributed`` sets it on the default group only: DeepSpeed makes its data-parallel groups
+    with ``new_group(ranks)``, which gives them torch's default (30 minutes for gloo). Call it once
+    the engine is built. (torch offers no public way to set a group's timeout after its creation.)
+    """
+    from torch.distributed import distributed_c10d
+
+    for group in list(distributed_c10d._world.pg_map):
+        distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s), group)
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a torch.distributed collective that failed (timed out, or its peer is gone):
+    nccl raises a ``DistError``, gloo a plain ``RuntimeError`` naming itself."""
+    return isinstance(exc, torch.distributed.DistError) or "gloo" in str(exc)
 
 
 class FiniteAdamW(torch.optim.AdamW):

@@ -9,14 +9,17 @@ take exactly the step one learner would take on the whole batch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from rlaif_ray.algo.advantages import advantages_for
@@ -29,12 +32,18 @@ from rlaif_ray.learner.engine import (
     free_port,
     gathered_trainable,
     init_distributed,
+    is_collective_failure,
+    set_collective_timeout,
     set_micro_batches,
 )
 from rlaif_ray.logs import setup_logging
 from rlaif_ray.models.policy import ADAPTER_DIR, VideoLMPolicy
 
 log = logging.getLogger(__name__)
+
+
+class LearnerCollectiveError(RuntimeError):
+    """A learner's collective failed: it timed out, or a peer learner is gone."""
 
 
 @dataclass
@@ -128,6 +137,7 @@ class LearnerWorker:
         self.rank = rank
         self.world_size = world_size
         self.version = 0
+        self.batch_has_video = False  # whether any row of the current update has a video
 
     @staticmethod
     def address() -> tuple[str, int]:
@@ -142,7 +152,9 @@ class LearnerWorker:
         if lc.num_threads:
             torch.set_num_threads(lc.num_threads)
         torch.manual_seed(cfg.seed)
-        init_distributed(lc.backend, self.rank, self.world_size, master_addr, master_port)
+        init_distributed(
+            lc.backend, self.rank, self.world_size, master_addr, master_port, lc.collective_timeout_s
+        )
         self.policy = VideoLMPolicy.from_folder(self.model_dir, cfg.model, seed=cfg.seed)
         # The warm-start adapter becomes the frozen reference of the KL penalty.
         if (Path(self.model_dir) / ADAPTER_DIR).is_dir():
@@ -160,6 +172,7 @@ class LearnerWorker:
             dtype=cfg.model.dtype,
             zero3_persistence_threshold=lc.zero3_persistence_threshold,
         )
+        set_collective_timeout(lc.collective_timeout_s)
         # A fixed number of micro-batches per step (DeepSpeed counts accumulation boundaries
         # cumulatively), sized for a full batch; a smaller batch leaves some micro-batches light.
         full_batch = math.ceil(cfg.rl.prompts_per_step * cfg.rl.group_size / self.world_size)
@@ -181,6 +194,10 @@ class LearnerWorker:
         sampler ``mu``. When every answer comes from the learner's own version, ``mu`` is
         ``pi_prox`` and the step is the plain on-policy one.
         """
+        with self.collectives(f"update {self.version + 1}"):
+            return self._train_step(groups)
+
+    def _train_step(self, groups: list[Group]) -> dict[str, float]:
         start = time.time()
         self.engine.eval()
         rows, stats = build_rows(groups, self.cfg)
@@ -191,6 +208,7 @@ class LearnerWorker:
         stats["skipped_videos"] = float(self.store.skipped_videos)
         stats.update({f"skipped_videos_{k}": float(n) for k, n in self.store.skipped_by_reason.items()})
         rows = usable
+        self.batch_has_video = any(r.video is not None for r in rows)
         stats["rows"] = float(len(rows))
         if len(rows) < self.world_size:
             stats.update({"skipped_step": 1.0, "learn_s": time.time() - start})
@@ -319,11 +337,20 @@ class LearnerWorker:
         The G answers of a group share one video, and the reference pass reuses these features.
         """
         videos = [v for v in videos if v is not None]
-        if not videos:
+        if not videos and not self.batch_has_video:
             return None
         distinct = list(dict.fromkeys(videos))
-        pixels = torch.stack([self.policy.preprocess(self.store.get(v)) for v in distinct])
+        clips = [self.store.get(v) for v in distinct]
+        if not clips:
+            # A share of text-only rows in a batch that has videos: the encoder and the projector
+            # still run (on blank frames, whose features no prompt takes), so that every rank runs
+            # the same modules in every pass, as ZeRO-3's collective parameter fetches require.
+            size = self.policy.image_size
+            clips = [np.zeros((self.cfg.model.num_frames, size, size, 3), dtype=np.uint8)]
+        pixels = torch.stack([self.policy.preprocess(clip) for clip in clips])
         features = self.policy.visual_features(pixels)
+        if not videos:
+            return features
         where = {v: i for i, v in enumerate(distinct)}
         return features[torch.tensor([where[v] for v in videos], device=features.device)]
 
@@ -332,8 +359,24 @@ class LearnerWorker:
 
         Under ZeRO-3 the gather is a collective: every rank must call this at once.
         """
-        with gathered_trainable(self.policy):
+        with self.collectives(f"the export of version {self.version}"), gathered_trainable(self.policy):
             return self.policy.trainable_state_dict() if self.rank == 0 else None
+
+    @contextlib.contextmanager
+    def collectives(self, what: str) -> Iterator[None]:
+        """Turn a collective that failed inside (timed out after ``learner.collective_timeout_s``,
+        or lost a peer) into a :class:`LearnerCollectiveError` naming this learner and ``what`` it
+        was doing; the loop restores the learners as after a crash."""
+        try:
+            yield
+        except RuntimeError as exc:
+            if not is_collective_failure(exc):
+                raise
+            raise LearnerCollectiveError(
+                f"learner-{self.rank}: a collective of {what} failed (learner.collective_timeout_s="
+                f"{self.cfg.learner.collective_timeout_s:g}): the learners no longer agree and must be "
+                f"restored: {exc}"
+            ) from exc
 
     def save_state(self, folder: str) -> str:
         """Everything a restore needs, under ``folder``: the policy files (rank 0, as :meth:`save`),

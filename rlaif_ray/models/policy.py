@@ -407,21 +407,32 @@ class VideoLMPolicy(VideoInputs):
         prompts take none). Returns inputs_embeds [B, L, H], attention_mask [B, L] and, per row, the
         index of the first answer position (the prompt's length after splicing, excluding padding).
         """
-        embed = self.lm.get_input_embeddings()
         device = self.device
-        rows, prompt_lens = [], []
-        videos = iter(visual if visual is not None else [])
+        # Every token id of the batch goes through the embedding in one call: the modules a pass
+        # runs, and how often, never depend on the rows. Under ZeRO-3 each module call is a
+        # parameter fetch that every rank must make in step (and whose order ZeRO-3 traces and
+        # prefetches), so a call per row would let ranks holding different numbers of rows diverge.
+        pieces: list[list[int]] = []
         for i, ids in enumerate(prompts):
             if self.video_token_id in ids:
                 cut = ids.index(self.video_token_id)
-                pre = embed(torch.tensor(ids[:cut], dtype=torch.long, device=device))
-                post = embed(torch.tensor(ids[cut + 1 :], dtype=torch.long, device=device))
-                parts = [pre, next(videos), post]
+                pieces += [ids[:cut], ids[cut + 1 :]]
             else:
-                parts = [embed(torch.tensor(ids, dtype=torch.long, device=device))]
+                pieces.append(ids)
+            if answers is not None:
+                pieces.append(answers[i])
+        flat = torch.tensor([t for piece in pieces for t in piece], dtype=torch.long, device=device)
+        embedded = iter(self.lm.get_input_embeddings()(flat).split([len(piece) for piece in pieces]))
+        rows, prompt_lens = [], []
+        videos = iter(visual if visual is not None else [])
+        for ids in prompts:
+            if self.video_token_id in ids:
+                parts = [next(embedded), next(videos), next(embedded)]
+            else:
+                parts = [next(embedded)]
             prompt_lens.append(sum(part.shape[0] for part in parts))
             if answers is not None:
-                parts.append(embed(torch.tensor(answers[i], dtype=torch.long, device=device)))
+                parts.append(next(embedded))
             rows.append(torch.cat(parts, dim=0))
         length = max(r.shape[0] for r in rows)
         hidden = rows[0].shape[1]

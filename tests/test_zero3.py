@@ -1,0 +1,128 @@
+"""ZeRO-3 on two learner actors with the default model settings (motion tokens, a warm start with
+an adapter, so a reference adapter too, DeepSpeed's default persistence threshold).
+
+Under ZeRO-3 every module call fetches its partitioned parameters with a collective, and DeepSpeed
+traces the order of those calls to prefetch. Two ranks must therefore run the same modules the
+same number of times in every pass, whatever rows they hold; when they did not (the embedding was
+called once per row, and 25 answers split 13/12), the ranks issued different collectives from the
+second update on and waited for each other for ever (issue 18)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from rlaif_ray.config import Config
+from rlaif_ray.data.dataset import load_jsonl
+from rlaif_ray.learner.worker import LearnerCollectiveError, LearnerWorker
+from rlaif_ray.rollout.worker import RolloutWorker
+from rlaif_ray.sft import run_sft
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def default_warm_start(
+    synthetic_dir: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Config:
+    """The default config (motion tokens) after an SFT warm start with the default SFT settings,
+    shortened to 30 steps (an adapter and a projector: the learners then hold a reference adapter)."""
+    from rlaif_ray.config import load_config
+
+    out = tmp_path_factory.mktemp("zero3")
+    cfg = load_config(
+        str(Path(__file__).resolve().parents[1] / "configs" / "default.yaml"),
+        [
+            f"data.train={synthetic_dir / 'train.jsonl'}",
+            f"data.val={synthetic_dir / 'val.jsonl'}",
+            f"data.test={synthetic_dir / 'test.jsonl'}",
+            "data.synthetic_dir=null",
+            f"model.path={tiny_model_dir}",
+            "model.build_tiny_if_missing=false",
+            f"sft.output_dir={out / 'sft'}",
+            "sft.steps=30",
+            "sft.eval_every=30",
+            f"run_dir={out / 'run'}",
+        ],
+    )
+    assert cfg.model.visual_tokens == "motion"
+    run_sft(cfg)
+    cfg.model.path, cfg.sft.enabled = cfg.sft.output_dir, False
+    return cfg
+
+
+def start_learners(cfg: Config) -> list:
+    actor_cls = ray.remote(LearnerWorker)
+    learners = [actor_cls.options(num_cpus=0.5).remote(cfg, cfg.model.path, rank, 2) for rank in range(2)]
+    addr, port = ray.get(learners[0].address.remote())
+    ray.get([learner.setup.remote(addr, port) for learner in learners], timeout=300)
+    return learners
+
+
+def test_two_zero3_learners_agree_after_updates_on_uneven_shares(default_warm_start: Config) -> None:
+    cfg = default_warm_start
+    cfg.learner.zero_stage, cfg.learner.num_actors, cfg.learner.num_threads = 3, 2, 1
+    cfg.learner.collective_timeout_s = 120  # a divergence fails here instead of hanging
+    # 5 groups of 5 answers: 25 rows, so the two ranks hold 13 and 12.
+    cfg.rl.prompts_per_step = 5
+    examples = load_jsonl(cfg.data.train)[: cfg.rl.prompts_per_step]
+    groups = RolloutWorker(cfg, cfg.model.path).rollout(examples, step=1)
+    assert len(groups) == 5 and all(g.size == cfg.rl.group_size == 5 for g in groups)
+    for g in groups:  # no group tied (a tied one is skipped): every row is learned
+        g.ranks, g.rank_status = [float(r) for r in range(g.size)], "ok"
+
+    # Nested, so that Ray ships them by value (the test module does not import in an actor).
+    def whole_weights(learner: LearnerWorker) -> dict[str, torch.Tensor]:
+        """This rank's trainable tensors, gathered (a collective: every rank at once)."""
+        from rlaif_ray.learner.engine import gathered_trainable
+
+        with gathered_trainable(learner.policy):
+            return learner.policy.trainable_state_dict()
+
+    def partitioned(learner: LearnerWorker) -> int:
+        """How many of this rank's parameters ZeRO-3 holds only a part of."""
+        return sum(1 for p in learner.policy.parameters() if p.ds_tensor.numel() < p.ds_numel)
+
+    ray.init(num_cpus=4, include_dashboard=False)
+    try:
+        learners = start_learners(cfg)
+        assert all(n > 0 for n in ray.get([a.__ray_call__.remote(partitioned) for a in learners]))
+        before = ray.get([a.__ray_call__.remote(whole_weights) for a in learners])
+        for update in range(3):  # on-policy: each batch sampled by the version the learners hold
+            batch = [dataclasses.replace(g, weight_version=update) for g in groups]
+            stats = ray.get([a.train_step.remote(batch) for a in learners], timeout=600)
+            assert [s["version"] for s in stats] == [update + 1] * 2, stats
+            assert all(s["rows"] == 25 and s["skipped_step"] == 0.0 for s in stats)
+            assert all(torch.isfinite(torch.tensor(s["loss"])) for s in stats)
+        after = ray.get([a.__ray_call__.remote(whole_weights) for a in learners])
+    finally:
+        ray.shutdown()
+    assert before[0].keys() == after[0].keys() == after[1].keys()
+    for key in after[0]:
+        assert torch.equal(after[0][key], after[1][key]), f"the two learners' {key} differ"
+    assert any(not torch.equal(after[0][k], before[0][k]) for k in after[0]), "no weight changed"
+
+
+def test_a_collective_that_cannot_complete_fails_naming_the_learner_and_the_update(
+    small_config: Config,
+) -> None:
+    """Learner 1 never joins learner 0's update (as when it is stuck, or the two diverged): learner 0
+    fails after ``learner.collective_timeout_s`` with an error naming itself and the update, which
+    the loop handles as a learner fault, instead of waiting for ever."""
+    cfg = small_config
+    cfg.learner.num_actors, cfg.learner.num_threads, cfg.learner.collective_timeout_s = 2, 1, 10
+    cfg.rl.prompts_per_step, cfg.rl.group_size = 2, 4
+    groups = RolloutWorker(cfg, cfg.model.path).rollout(load_jsonl(cfg.data.train)[:2], step=1)
+    for g in groups:
+        g.ranks, g.rank_status = [float(r) for r in range(g.size)], "ok"
+    ray.init(num_cpus=4, include_dashboard=False)
+    try:
+        learners = start_learners(cfg)
+        with pytest.raises(LearnerCollectiveError, match=r"learner-0: a collective of update 1 failed"):
+            ray.get(learners[0].train_step.remote(groups), timeout=120)
+    finally:
+        ray.shutdown()
