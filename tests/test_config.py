@@ -194,6 +194,7 @@ def test_wrong_type_names_key_value_and_expectation(override: str, key: str, val
         ("sft.zero_stage=5", "sft.zero_stage", "5", "ZeRO stage"),
         ("learner.zero_stage=-1", "learner.zero_stage", "-1", "ZeRO stage"),
         ("rl.steps=-1", "rl.steps", "-1", ">= 0"),
+        ("learner.collective_timeout_s=0", "learner.collective_timeout_s", "0", "> 0"),
         ("model.lora_dropout=1.0", "model.lora_dropout", "1.0", "[0, 1)"),
         ("rollout.vllm_gpu_memory_utilization=1.2", "rollout.vllm_gpu_memory_utilization", "1.2", "(0, 1]"),
         ("algo.advantage=foo", "algo.advantage", "'foo'", "'dcg'"),
