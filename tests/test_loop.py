@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from loop_checks import assert_versions_follow_updates
+from loop_checks import assert_versions_follow_updates, updated
 from safetensors.torch import load_file
 
 from rlaif_ray.config import Config, apply_overrides, config_from_dict
@@ -39,11 +39,14 @@ def test_loop_runs_end_to_end(small_config: Config, tmp_path: Path) -> None:
     # ... and RL starts from that checkpoint on a task that rewards one colour everywhere.
     cfg.model.path, cfg.sft.enabled = cfg.sft.output_dir, False
     cfg.data.train = easy_task(cfg.data.train, tmp_path / "easy_train.jsonl")
-    cfg.rl.steps, cfg.rl.prompts_per_step, cfg.rl.group_size = 5, 8, 4
+    cfg.rl.steps, cfg.rl.prompts_per_step, cfg.rl.group_size = 6, 8, 4
     cfg.rl.eval_every, cfg.rl.checkpoint_every, cfg.rl.eval_examples = 2, 2, 16
     cfg.rollout.num_actors = 2
     cfg.ranker.min_actors, cfg.ranker.max_actors, cfg.ranker.scale_up_backlog = 1, 2, 1
-    cfg.learner.lr = 5e-3
+    # Large enough to learn in a few steps, small enough that no step wrecks the policy (5e-3 sent
+    # the KL to ~20 in one step, and whether a later step then had every group tied depended on
+    # the processor's floating point).
+    cfg.learner.lr = 3e-3
     # Evaluations during the run on val (12 questions here), the final report once on test (16).
     val = tmp_path / "val12.jsonl"
     rows = [json.loads(line) for line in Path(cfg.data.val).read_text().splitlines()[:12]]
@@ -57,25 +60,25 @@ def test_loop_runs_end_to_end(small_config: Config, tmp_path: Path) -> None:
     for name in ("config.yaml", "metrics.jsonl", "summary.json"):
         assert (run_dir / name).is_file(), name
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     # Groups reached the rankers and the learner; each applied update publishes the next version
     # (a step whose groups all tie, which this easy task can reach, carries no signal and
     # publishes none), and each step samples with the version the step before it left.
     final_version = assert_versions_follow_updates(records)
     assert all(r["groups"] == 8 and r["samples"] == 32 for r in records)
-    assert all(r["learner"]["rows"] > 0 for r in records)
+    assert all(r["learner"]["rows"] > 0 for r in records if updated(r))
     # It learns: the answer rewarded on every question is sampled more and more often.
     sampled = [r["sampled_accuracy"] for r in records]
-    assert sum(sampled[-2:]) / 2 >= sampled[0] + 0.25, sampled
-    assert summary["ranker"]["groups"] == 40 and summary["ranker"]["actors"] >= 1
+    assert sum(sampled[-3:]) / 3 >= sampled[0] + 0.25, sampled
+    assert summary["ranker"]["groups"] == 48 and summary["ranker"]["actors"] >= 1
     assert summary["ranker"]["scale_ups"] >= 1  # backlog 4 > 1 per actor: the pool grew
     # Every rollout actor serves the newest version.
     assert summary["weight_version"] == final_version
     assert [s["version"] for s in summary["rollout"]] == [final_version] * 2
-    assert [e["step"] for e in summary["evals"]] == [0, 2, 4, 5]
+    assert [e["step"] for e in summary["evals"]] == [0, 2, 4, 6]
     assert summary["eval_split"] == "val" and {e["n"] for e in summary["evals"]} == {12}
     assert summary["test"]["n"] == 16 and 0 <= summary["test"]["accuracy"] <= summary["test"]["part_accuracy"]
-    assert summary["steps"] == 5 and summary["wall_s"] > 0
+    assert summary["steps"] == 6 and summary["wall_s"] > 0
     assert "eval" in records[1] and "checkpoint" in records[1]
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk["accuracy_after"] == summary["accuracy_after"]
