@@ -38,19 +38,29 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 TEST_VISUAL_TOKENS = "model.visual_tokens=patch"
 
 
+DEFAULT_YAML = str(Path(__file__).resolve().parents[1] / "configs" / "default.yaml")
+
+
+def session_data_and_model(synthetic_dir: Path, tiny_model_dir: Path) -> list[str]:
+    """Overrides that point the default config at the session's data and tiny model."""
+    return [
+        f"data.train={synthetic_dir / 'train.jsonl'}",
+        f"data.val={synthetic_dir / 'val.jsonl'}",
+        f"data.test={synthetic_dir / 'test.jsonl'}",
+        "data.synthetic_dir=null",
+        f"model.path={tiny_model_dir}",
+        "model.build_tiny_if_missing=false",
+    ]
+
+
 @pytest.fixture
 def small_config(synthetic_dir: Path, tiny_model_dir: Path, tmp_path: Path) -> Config:
     """The default config pointed at the session's data and model, with small sizes."""
     return load_config(
-        str(Path(__file__).resolve().parents[1] / "configs" / "default.yaml"),
+        DEFAULT_YAML,
         [
             TEST_VISUAL_TOKENS,
-            f"data.train={synthetic_dir / 'train.jsonl'}",
-            f"data.val={synthetic_dir / 'val.jsonl'}",
-            f"data.test={synthetic_dir / 'test.jsonl'}",
-            "data.synthetic_dir=null",
-            f"model.path={tiny_model_dir}",
-            "model.build_tiny_if_missing=false",
+            *session_data_and_model(synthetic_dir, tiny_model_dir),
             f"sft.output_dir={tmp_path / 'sft'}",
             f"run_dir={tmp_path / 'run'}",
         ],
@@ -74,14 +84,10 @@ def colour_checkpoint(
     train = out / "colour_train.jsonl"
     train.write_text("".join(json.dumps(row) + "\n" for row in colour))
     cfg = load_config(
-        str(Path(__file__).resolve().parents[1] / "configs" / "default.yaml"),
+        DEFAULT_YAML,
         [
+            *session_data_and_model(synthetic_dir, tiny_model_dir),
             f"data.train={train}",
-            f"data.val={synthetic_dir / 'val.jsonl'}",
-            f"data.test={synthetic_dir / 'test.jsonl'}",
-            "data.synthetic_dir=null",
-            f"model.path={tiny_model_dir}",
-            "model.build_tiny_if_missing=false",
             TEST_VISUAL_TOKENS,
             f"sft.output_dir={out / 'checkpoint'}",
             "sft.steps=120",

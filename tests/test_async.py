@@ -54,6 +54,11 @@ def test_lag_is_bounded_and_every_group_is_learned_once(
     assert len(ids) == len(set(ids)), "a group was learned twice"
     # The learner sees the same lags (tied groups, which it skips, aside).
     assert all(r["learner"]["lag_max"] <= max(r["group_lags"]) for r in records if "lag_max" in r["learner"])
+    # ... and corrects for them: it reported stale answers itself and weighted their tokens by
+    # pi_prox / mu, which differs from 1 once the sampler's version is behind the learner's.
+    corrected = [r["learner"] for r in records if r["learner"].get("lag_max", 0) >= 1]
+    assert corrected, "the learner never reported a stale answer"
+    assert any(abs(stats["is_weight_mean"] - 1.0) > 1e-6 for stats in corrected), corrected
     groups = summary["groups"]
     assert groups["learned"] == len(ids)
     accounted = (

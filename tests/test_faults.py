@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
-from safetensors.torch import load_file
 from test_async import colour_run, records_of
 
 from rlaif_ray.config import Config, load_config
@@ -107,8 +106,11 @@ def test_learner_killed_mid_run(small_config: Config, colour_checkpoint: Path) -
     assert load_config(str(checkpoints / "step_4" / "config.yaml")).learner.lr == cfg.learner.lr
 
 
-def final_adapter(run_dir: Path) -> dict:
-    return load_file(str(run_dir / "checkpoints" / "final" / "adapter" / "adapter_model.safetensors"))
+def final_policy_files(run_dir: Path) -> dict[str, bytes]:
+    """Every file of the final checkpoint's policy (adapter, projector, policy.json), as bytes."""
+    final = run_dir / "checkpoints" / "final"
+    files = [final / "policy.json", final / "projector.safetensors", *sorted((final / "adapter").iterdir())]
+    return {str(f.relative_to(final)): f.read_bytes() for f in files}
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float) -> None:
@@ -127,7 +129,7 @@ def test_stopped_job_resumes_exactly(small_config: Config, colour_checkpoint: Pa
     cfg = colour_run(small_config, colour_checkpoint, steps=steps)
     cfg.rl.checkpoint_every = 2
     straight = run(cfg)
-    expected = final_adapter(Path(cfg.run_dir))
+    expected = final_policy_files(Path(cfg.run_dir))
 
     stopped_dir = tmp_path / "stopped"
     cfg.run_dir = str(stopped_dir)
@@ -164,10 +166,10 @@ def test_stopped_job_resumes_exactly(small_config: Config, colour_checkpoint: Pa
     assert newest % 2 == 0 and 2 <= newest <= recorded
     assert resumed["steps_run_by_this_job"] == steps - newest
     assert [r["step"] for r in records_of(cfg)] == list(range(1, steps + 1))
-    got = final_adapter(stopped_dir)
-    assert got.keys() == expected.keys()
-    for name, tensor in expected.items():
-        assert bool((got[name] == tensor).all()), name
+    got = final_policy_files(stopped_dir)
+    assert got.keys() == expected.keys() and "projector.safetensors" in got
+    for name, content in expected.items():
+        assert got[name] == content, f"{name} differs from the uninterrupted run's"
     assert resumed["groups"]["learned"] == straight["groups"]["learned"] == steps * 4
     assert resumed["groups"]["rolled_back"] >= (recorded - newest) * 4  # stopped-job steps after it
     assert_accounted(resumed)

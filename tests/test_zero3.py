@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import ray
 import torch
+from conftest import DEFAULT_YAML, session_data_and_model
 
-from rlaif_ray.config import Config
+from rlaif_ray.config import Config, load_config
 from rlaif_ray.data.dataset import load_jsonl
 from rlaif_ray.learner.worker import LearnerCollectiveError, LearnerWorker
 from rlaif_ray.rollout.worker import RolloutWorker
@@ -31,24 +32,14 @@ def default_warm_start(
 ) -> Config:
     """The default config (motion tokens) after an SFT warm start with the default SFT settings,
     shortened to 30 steps (an adapter and a projector: the learners then hold a reference adapter)."""
-    from rlaif_ray.config import load_config
-
     out = tmp_path_factory.mktemp("zero3")
-    cfg = load_config(
-        str(Path(__file__).resolve().parents[1] / "configs" / "default.yaml"),
-        [
-            f"data.train={synthetic_dir / 'train.jsonl'}",
-            f"data.val={synthetic_dir / 'val.jsonl'}",
-            f"data.test={synthetic_dir / 'test.jsonl'}",
-            "data.synthetic_dir=null",
-            f"model.path={tiny_model_dir}",
-            "model.build_tiny_if_missing=false",
-            f"sft.output_dir={out / 'sft'}",
-            "sft.steps=30",
-            "sft.eval_every=30",
-            f"run_dir={out / 'run'}",
-        ],
-    )
+    overrides = [
+        f"sft.output_dir={out / 'sft'}",
+        "sft.steps=30",
+        "sft.eval_every=30",
+        f"run_dir={out / 'run'}",
+    ]
+    cfg = load_config(DEFAULT_YAML, [*session_data_and_model(synthetic_dir, tiny_model_dir), *overrides])
     assert cfg.model.visual_tokens == "motion"
     run_sft(cfg)
     cfg.model.path, cfg.sft.enabled = cfg.sft.output_dir, False
@@ -63,17 +54,23 @@ def start_learners(cfg: Config) -> list:
     return learners
 
 
-def test_two_zero3_learners_agree_after_updates_on_uneven_shares(default_warm_start: Config) -> None:
-    cfg = default_warm_start
-    cfg.learner.zero_stage, cfg.learner.num_actors, cfg.learner.num_threads = 3, 2, 1
+@pytest.mark.parametrize("shares", ["uneven", "one_without_video"])
+def test_two_zero3_learners_agree_after_updates(default_warm_start: Config, shares: str) -> None:
+    """``uneven``: 5 groups of 5 answers, 25 rows: the two ranks hold 13 and 12.
+    ``one_without_video``: 4 groups, the last two text-only: rank 1's 10 rows have no video, and
+    it must still run the encoder and the projector that rank 0 runs."""
+    cfg = dataclasses.replace(default_warm_start)
+    cfg.learner = dataclasses.replace(cfg.learner, zero_stage=3, num_actors=2, num_threads=1)
     cfg.learner.collective_timeout_s = 120  # a divergence fails here instead of hanging
-    # 5 groups of 5 answers: 25 rows, so the two ranks hold 13 and 12.
-    cfg.rl.prompts_per_step = 5
+    cfg.rl = dataclasses.replace(cfg.rl, prompts_per_step=5 if shares == "uneven" else 4)
     examples = load_jsonl(cfg.data.train)[: cfg.rl.prompts_per_step]
     groups = RolloutWorker(cfg, cfg.model.path).rollout(examples, step=1)
-    assert len(groups) == 5 and all(g.size == cfg.rl.group_size == 5 for g in groups)
+    assert len(groups) == cfg.rl.prompts_per_step and all(g.size == cfg.rl.group_size == 5 for g in groups)
+    if shares == "one_without_video":
+        groups[2:] = [dataclasses.replace(g, video=None) for g in groups[2:]]
     for g in groups:  # no group tied (a tied one is skipped): every row is learned
         g.ranks, g.rank_status = [float(r) for r in range(g.size)], "ok"
+    rows = 5 * len(groups)
 
     # Nested, so that Ray ships them by value (the test module does not import in an actor).
     def whole_weights(learner: LearnerWorker) -> dict[str, torch.Tensor]:
@@ -96,7 +93,7 @@ def test_two_zero3_learners_agree_after_updates_on_uneven_shares(default_warm_st
             batch = [dataclasses.replace(g, weight_version=update) for g in groups]
             stats = ray.get([a.train_step.remote(batch) for a in learners], timeout=600)
             assert [s["version"] for s in stats] == [update + 1] * 2, stats
-            assert all(s["rows"] == 25 and s["skipped_step"] == 0.0 for s in stats)
+            assert all(s["rows"] == rows and s["skipped_step"] == 0.0 for s in stats)
             assert all(torch.isfinite(torch.tensor(s["loss"])) for s in stats)
         after = ray.get([a.__ray_call__.remote(whole_weights) for a in learners])
     finally:

@@ -332,9 +332,11 @@ class LearnerWorker:
 
     def _visual_features(self, videos: list[str | None]) -> torch.Tensor | None:
         """Frozen encoder features of each row's video (rows without one, text-only, take none),
-        encoding every distinct video once; None when no row has a video.
+        encoding every distinct video once; None when no row of the whole update has a video.
 
         The G answers of a group share one video, and the reference pass reuses these features.
+        A share with no video in an update that has some gets the features of blank frames, which
+        no prompt takes (see ``VideoLMPolicy._splice``).
         """
         videos = [v for v in videos if v is not None]
         if not videos and not self.batch_has_video:

@@ -444,6 +444,11 @@ class VideoLMPolicy(VideoInputs):
                 embeds[i, length - n :], mask[i, length - n :] = row, 1
             else:
                 embeds[i, :n], mask[i, :n] = row, 1
+        if next(videos, None) is not None:
+            # Visual rows that no prompt takes (a learner's blank stand-in for a share without a
+            # video) join the graph with weight zero: the projector's backward, and under ZeRO-3
+            # its gradient collectives, then run on every rank alike.
+            embeds = embeds + 0.0 * visual.sum()
         return embeds, mask, prompt_lens
 
     # ----------------------------------------------------------------- scoring and sampling
