@@ -29,7 +29,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from rlaif_ray.ranker import GroundTruthRanker, format_ordering
+from rlaif_ray.ranker import GroundTruthRanker, RankPrompt, format_ordering
 
 _CANDIDATE_LINE = re.compile(r"^\[(\d+)\] (.*)$", re.MULTILINE)
 _REFERENCE_LINE = re.compile(r"^Reference answer: (.*)$", re.MULTILINE)
@@ -47,7 +47,7 @@ def judge_reply(prompt: str, rule: str = "reference") -> str:
         if reference is None:
             ordering = [list(range(len(candidates)))]
         else:
-            ordering = GroundTruthRanker().rank("", reference.group(1), candidates)
+            ordering = GroundTruthRanker().rank(RankPrompt("", reference.group(1)), candidates)
     return "Ranked by the bench judge.\n" + format_ordering(ordering)
 
 

@@ -73,7 +73,7 @@ from rlaif_ray.launch import init_ray, run, with_absolute_paths  # noqa: E402
 from rlaif_ray.logs import setup_logging  # noqa: E402
 from rlaif_ray.models.policy import VideoInputs, read_policy_spec  # noqa: E402
 from rlaif_ray.prepare import ensure_data, ensure_model  # noqa: E402
-from rlaif_ray.ranker.backends import GroundTruthRanker  # noqa: E402
+from rlaif_ray.ranker.backends import GroundTruthRanker, RankPrompt  # noqa: E402
 
 # bench/async.py: "async" is a keyword, so the module is reached by name.
 clear_named_actors = importlib.import_module("bench.async").clear_named_actors
@@ -238,7 +238,9 @@ def run_trl(args: argparse.Namespace, batch: int, steps: int, threads: int, base
     )
 
     def exact_match(completions: list[str], answer: list[str], **_: Any) -> list[float]:
-        return [ranker.scores(ref, [c])[0] for c, ref in zip(completions, answer, strict=True)]
+        return [
+            ranker.scores(RankPrompt("", ref), [c])[0] for c, ref in zip(completions, answer, strict=True)
+        ]
 
     micro = min(batch, base.learner.micro_batch_size)
     if batch % micro:

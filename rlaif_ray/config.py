@@ -140,7 +140,10 @@ class RolloutConfig:
 class RankerConfig:
     """The Oracle-ranker pool and its backend."""
 
-    backend: Literal["ground_truth", "judge", "openai"] = "ground_truth"
+    # A registered backend (rlaif_ray.ranker.backends.register_backend): ground_truth (against the
+    # reference answer), video_judge (a video-language model that looks at the video), judge (a
+    # local text LM prompted listwise), openai (an OpenAI-compatible endpoint).
+    backend: str = "ground_truth"
     # The ground-truth oracle's scalar score of an answer (the ``score`` advantage, sampled
     # accuracy): "binary" correctness, or "parts", the fraction of the answer's parts right
     # (graded answers; see rlaif_ray.ranker.backends.part_accuracy).
@@ -154,6 +157,8 @@ class RankerConfig:
     # so that the autoscaler can release their nodes.
     idle_grace_s: float = 30.0
     num_cpus_per_actor: float = 0.5
+    # GPUs per ranker actor: a video_judge runs on the GPU it is given, else on the CPU.
+    num_gpus_per_actor: float = 0.0
     # Custom resource each ranker actor asks for, so the autoscaler can add ranker nodes.
     resource: str = "ranker"
     max_retries: int = 2
@@ -163,6 +168,10 @@ class RankerConfig:
     # Wall seconds a group may spend being ranked (every attempt and back-off together); then
     # it gets the fallback, is counted as deadline_expired, and the ranker moves on.
     group_deadline_s: float = 120.0
+    # video_judge backend: a checkpoint in this project's policy format (policy.json, adapter/,
+    # projector.safetensors; e.g. what `python -m rlaif_ray.sft` writes) that orders a group's
+    # answers by its length-normalised log-likelihood of each, given the video and the question.
+    judge_path: str | None = None
     # judge backend: a local causal LM folder (transformers).
     judge_model_path: str | None = None
     judge_max_new_tokens: int = 24
@@ -455,6 +464,21 @@ def validate(cfg: Config) -> Config:
             "config key 'ranker.openai_api_key_env' must be the name of an environment variable "
             "(letters, digits, _), not the key itself; put the key in that variable or in a file "
             "named by ranker.openai_api_key_file"
+        )
+    from rlaif_ray.ranker.backends import backend_names
+
+    _check(
+        cfg.ranker.backend in backend_names(),
+        "ranker.backend",
+        cfg.ranker.backend,
+        "one of the registered backends: " + ", ".join(repr(n) for n in backend_names()),
+    )
+    if cfg.ranker.backend == "video_judge":
+        _check(
+            bool(cfg.ranker.judge_path),
+            "ranker.judge_path",
+            cfg.ranker.judge_path,
+            "a checkpoint folder in the policy format when ranker.backend is 'video_judge'",
         )
     if cfg.ranker.backend == "judge":
         _check(

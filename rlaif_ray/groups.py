@@ -27,9 +27,14 @@ class Group:
     rollout_s: float = 0.0
     # Filled by the ranker: 0-based ranks (0 = best, ties share the mean position).
     ranks: list[float] | None = None
-    # Optional per-answer scores from the oracle (1.0 correct / 0.0 wrong for ground truth).
+    # Optional per-answer scores from the oracle (higher is better: 1.0 correct / 0.0 wrong for
+    # ground truth, a judge's length-normalised log-likelihood for video_judge).
     scores: list[float] | None = None
-    # "ok", "fallback_tie" (no valid ordering after retries: all tied) or "dropped".
+    # Per answer, 1.0 if it matches the reference, else 0.0 (None without a reference): what the
+    # sampled accuracy counts, whichever oracle ranked the group.
+    correct: list[float] | None = None
+    # "ok", "fallback_tie" (no valid ordering after retries: all tied), "dropped", or unranked for
+    # want of an input: "no_reference" (a backend that needs one), "bad_video" (did not decode).
     rank_status: str = "pending"
     rank_attempts: int = 0
     rank_s: float = 0.0

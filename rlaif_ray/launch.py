@@ -168,9 +168,9 @@ def start_rollouts(cfg: Config, policy_dir: str) -> list[Any]:
 
 
 def sampled_accuracy(groups: list[Group]) -> float | None:
-    """Fraction of sampled answers the oracle scored correct (None when it gives no scores)."""
-    scores = [s for g in groups if g.scores is not None for s in g.scores]
-    return sum(scores) / len(scores) if scores else None
+    """Fraction of sampled answers that match their reference (None when no group has one)."""
+    correct = [c for g in groups if g.correct is not None for c in g.correct]
+    return sum(correct) / len(correct) if correct else None
 
 
 class LearnersDied(RuntimeError):

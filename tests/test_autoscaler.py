@@ -52,7 +52,7 @@ from rlaif_ray.algo.advantages import ranks_from_orderings
 from rlaif_ray.config import Config, load_config
 from rlaif_ray.groups import Group
 from rlaif_ray.learner.engine import free_port
-from rlaif_ray.ranker import GroundTruthRanker
+from rlaif_ray.ranker import GroundTruthRanker, RankPrompt
 from rlaif_ray.ranker.pool import RankerPool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +129,7 @@ def pool_config(base_url: str) -> Config:
 
 def expected_ranks(group: Group) -> list[float]:
     """The ranks the judge's rule (the ground-truth ranker against the reference) gives ``group``."""
-    ordering = GroundTruthRanker().rank(group.question, group.reference, group.completions)
+    ordering = GroundTruthRanker().rank(RankPrompt(group.question, group.reference), group.completions)
     return ranks_from_orderings([ordering], group.size)[0].tolist()
 
 

@@ -115,19 +115,31 @@ def test_dead_ranker_is_replaced_and_no_group_lost(local_ray, cfg: Config) -> No
     assert stats["restarts"] == 1 and stats["groups"] == stats["ok"] == 3 and stats["fallbacks"] == 0
 
 
-def test_nonsense_from_backend_is_counted_not_accepted(local_ray, cfg: Config) -> None:
+def test_a_group_without_reference_is_counted_not_tied(local_ray, cfg: Config) -> None:
+    """The ground-truth oracle cannot rank a group nobody labelled: it comes back unranked (the loop
+    drops it as unranked) and counted as no_reference in the pool's stats, never tied."""
     pool = RankerPool(cfg)
-    # A group without a reference cannot be ranked by the ground-truth oracle: retried, then tied.
     ranked = pool.rank([make_group(0, reference=None), make_group(1)])
-    assert ranked[0].rank_status == "fallback_tie" and ranked[0].rank_attempts == 1 + cfg.ranker.max_retries
-    assert ranked[1].rank_status == "ok"
+    assert ranked[0].rank_status == "no_reference" and ranked[0].ranks is None
+    assert ranked[0].rank_attempts == 0 and ranked[1].rank_status == "ok"
+    stats = pool.stats()
+    assert stats["no_reference"] == 1 and stats["fallbacks"] == 0 and stats["groups"] == 2
+    ray.kill(pool.actors["ranker-0"])
+
+
+def test_failures_of_the_backend_are_counted_in_the_pool(local_ray) -> None:
+    """A judge that cannot be reached fails every attempt: retried, then tied; the workers' counters
+    reach the pool's stats (and so metrics.jsonl and summary.json)."""
+    cfg = judge_config("http://127.0.0.1:9/v1", "ranker.openai_max_retries=0", "ranker.max_retries=2")
+    pool = RankerPool(cfg)
+    ranked = pool.rank([make_group(0)])
+    assert ranked[0].rank_status == "fallback_tie" and ranked[0].rank_attempts == 3
     stats = pool.stats()
     assert stats["fallback_tie"] == stats["fallbacks"] == 1 and stats["dropped"] == 0
-    # The workers' counters reach the pool's stats (and so metrics.jsonl and summary.json).
-    assert stats["groups"] == 2 and stats["ok"] == 1
-    assert stats["attempts"] == 2 + cfg.ranker.max_retries and stats["retries"] == cfg.ranker.max_retries
-    assert stats["errors"] == {"ValueError": 1 + cfg.ranker.max_retries} and stats["invalid"] == 0
+    assert stats["groups"] == 1 and stats["ok"] == 0 and stats["attempts"] == 3 and stats["retries"] == 2
+    assert stats["errors"] == {"APIConnectionError": 3} and stats["invalid"] == 0
     assert stats["deadline_expired"] == 0 and stats["restarts"] == 0
+    ray.kill(pool.actors["ranker-0"])
 
 
 @pytest.fixture

@@ -18,9 +18,11 @@ from rlaif_ray.ranker import (
     GroundTruthRanker,
     InvalidOrdering,
     JudgeRanker,
+    NoReference,
     Ordering,
     RankerBackend,
     RankerWorker,
+    RankPrompt,
     build_ranking_prompt,
     format_ordering,
     is_correct,
@@ -47,7 +49,7 @@ def make_group(completions: list[str], reference: str | None = "red circle", gro
 
 
 def gt_ranks(reference: str, candidates: list[str]) -> list[float]:
-    ordering = GroundTruthRanker().rank("q", reference, candidates)
+    ordering = GroundTruthRanker().rank(RankPrompt("q", reference), candidates)
     return ranks_from_orderings([ordering], len(candidates))[0].tolist()
 
 
@@ -83,7 +85,9 @@ def test_ground_truth_concision_among_equally_close() -> None:
 
 
 def test_ground_truth_identical_answers_tie() -> None:
-    ordering = GroundTruthRanker().rank("q", "red circle", ["blue!", "Red circle", "red  circle.", "Blue"])
+    ordering = GroundTruthRanker().rank(
+        RankPrompt("q", "red circle"), ["blue!", "Red circle", "red  circle.", "Blue"]
+    )
     assert ordering == [[1, 2], [0, 3]]
     assert gt_ranks("red", ["blue", "blue", "blue"]) == [1.0, 1.0, 1.0]
 
@@ -108,9 +112,14 @@ def test_ground_truth_permutation_equivariant() -> None:
 
 def test_ground_truth_scores_and_missing_reference() -> None:
     ranker = GroundTruthRanker()
-    assert ranker.scores("Red circle", ["red circle!", "red square", "RED CIRCLE"]) == [1.0, 0.0, 1.0]
-    with pytest.raises(ValueError, match="reference"):
-        ranker.rank("q", None, ["a", "b"])
+    assert ranker.scores(RankPrompt("q", "Red circle"), ["red circle!", "red square", "RED CIRCLE"]) == [
+        1.0,
+        0.0,
+        1.0,
+    ]
+    assert ranker.scores(RankPrompt("q", None), ["a", "b"]) is None
+    with pytest.raises(NoReference, match="ranker.backend=video_judge"):
+        ranker.rank(RankPrompt("q", None), ["a", "b"])
 
 
 def test_make_backend_by_name() -> None:
@@ -188,7 +197,7 @@ class ScriptedRanker(RankerBackend):
         self.texts = texts
         self.calls = 0
 
-    def rank(self, question: str, reference: str | None, candidates: list[str]) -> Ordering:
+    def rank(self, prompt: RankPrompt, candidates: list[str]) -> Ordering:
         text = self.texts[min(self.calls, len(self.texts) - 1)]
         self.calls += 1
         return parse_ordering(text, len(candidates))
@@ -200,7 +209,7 @@ class FixedRanker(RankerBackend):
     def __init__(self, answer: Ordering | Exception) -> None:
         self.answer = answer
 
-    def rank(self, question: str, reference: str | None, candidates: list[str]) -> Ordering:
+    def rank(self, prompt: RankPrompt, candidates: list[str]) -> Ordering:
         if isinstance(self.answer, Exception):
             raise self.answer
         return self.answer
@@ -275,10 +284,14 @@ def test_worker_with_ground_truth_fills_ranks_and_scores() -> None:
     assert groups[0].rank_status == "ok" and groups[0].rank_attempts == 1
     assert groups[0].ranks == [3.0, 0.5, 2.0, 0.5]
     assert groups[0].scores == [0.0, 1.0, 0.0, 1.0]
-    # No reference: the ground-truth oracle cannot rank it; counted, tied, no scores.
-    assert groups[1].rank_status == "fallback_tie" and groups[1].scores is None
+    assert groups[0].correct == [0.0, 1.0, 0.0, 1.0]
+    # No reference: the ground-truth oracle cannot rank it. It is left unranked (never tied: a tie
+    # would pass for a judgement) and counted, without a try at the backend.
+    assert groups[1].rank_status == "no_reference" and groups[1].ranks is None
+    assert groups[1].scores is None and groups[1].correct is None and groups[1].rank_attempts == 0
     stats = worker.stats()
-    assert stats["groups"] == 2 and stats["ok"] == 1 and stats["errors"] == {"ValueError": 3}
+    assert stats["groups"] == 2 and stats["ok"] == 1 and stats["no_reference"] == 1
+    assert stats["fallbacks"] == 0 and stats["errors"] == {}
 
 
 def test_worker_rejects_groups_of_the_wrong_size() -> None:
@@ -297,13 +310,13 @@ class HangingRanker(RankerBackend):
         self.calls: Counter[str] = Counter()
         self.lock = threading.Lock()
 
-    def rank(self, question: str, reference: str | None, candidates: list[str]) -> Ordering:
+    def rank(self, prompt: RankPrompt, candidates: list[str]) -> Ordering:
         with self.lock:
-            self.calls[question] += 1
-        if question.startswith("hang"):
+            self.calls[prompt.question] += 1
+        if prompt.question.startswith("hang"):
             self.release.wait(30)
             raise ConnectionError("the judge hung up")
-        return GroundTruthRanker().rank(question, reference, candidates)
+        return GroundTruthRanker().rank(prompt, candidates)
 
 
 def wait_for_threads_to_end(prefix: str, timeout_s: float = 5.0) -> None:
@@ -365,7 +378,7 @@ class SlowNonsense(RankerBackend):
     def __init__(self, delay_s: float) -> None:
         self.delay_s = delay_s
 
-    def rank(self, question: str, reference: str | None, candidates: list[str]) -> Ordering:
+    def rank(self, prompt: RankPrompt, candidates: list[str]) -> Ordering:
         time.sleep(self.delay_s)
         return parse_ordering("I would rather not say.", len(candidates))
 
@@ -390,11 +403,23 @@ def test_deadline_bounds_the_retries_of_a_slow_invalid_judge(caplog: pytest.LogC
     wait_for_threads_to_end("rank-slow")
 
 
+class FailsForSomeReferences(RankerBackend):
+    """The ground-truth rule, except that it fails for groups whose reference is "unknowable"."""
+
+    def rank(self, prompt: RankPrompt, candidates: list[str]) -> Ordering:
+        if prompt.reference == "unknowable":
+            raise ValueError("no ordering for this group")
+        return GroundTruthRanker().rank(prompt, candidates)
+
+
 def test_rank_chunk_reports_what_grew_since_the_last_chunk() -> None:
-    worker = RankerWorker(RankerConfig(max_retries=1), group_size=3)
+    worker = RankerWorker(RankerConfig(max_retries=1), group_size=3, backend=FailsForSomeReferences())
     first, counts1 = worker.rank_chunk([make_group(["a", "red circle", "b"], group_id="x")])
     second, counts2 = worker.rank_chunk(
-        [make_group(["a", "b", "c"], reference=None, group_id="y"), make_group(["a", "b", "c"], group_id="z")]
+        [
+            make_group(["a", "b", "c"], reference="unknowable", group_id="y"),
+            make_group(["a", "b", "c"], group_id="z"),
+        ]
     )
     assert first[0].rank_status == "ok" and [g.rank_status for g in second] == ["fallback_tie", "ok"]
     assert counts1 == {"groups": 1, "ok": 1, "attempts": 1, "errors": {}}
@@ -466,7 +491,7 @@ def test_judge_backend_runs_end_to_end_and_its_garbage_is_rejected(tmp_path) -> 
     assert text == judge.generate(prompt)  # greedy decoding is deterministic
     assert "ranking" not in text.lower()
     with pytest.raises(InvalidOrdering, match="no 'ranking:' line"):
-        judge.rank("What shape is moving?", "red circle", ["red circle", "blue", "red"])
+        judge.rank(RankPrompt("What shape is moving?", "red circle"), ["red circle", "blue", "red"])
 
     worker = RankerWorker(cfg, group_size=3, backend=judge)
     group = worker.rank_group(make_group(["red circle", "blue", "red"]))
@@ -478,7 +503,9 @@ def test_judge_backend_runs_end_to_end_and_its_garbage_is_rejected(tmp_path) -> 
 
 def test_ground_truth_ranks_an_empty_answer_last() -> None:
     """Concision must not reward saying nothing: an empty answer is below every wrong answer."""
-    ordering = GroundTruthRanker().rank("what colour ?", "red", ["", "blue green yellow", "red", "  "])
+    ordering = GroundTruthRanker().rank(
+        RankPrompt("what colour ?", "red"), ["", "blue green yellow", "red", "  "]
+    )
     assert ordering == [2, 1, [0, 3]]
 
 
@@ -511,8 +538,16 @@ def test_ground_truth_orders_graded_answers_by_parts_right() -> None:
     ]
     ranks = gt_ranks(reference, candidates)
     assert ranks == [5.0, 2.0, 0.0, 6.0, 4.0, 1.0, 3.0]
-    assert GroundTruthRanker().scores(reference, candidates) == [0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
-    parts = GroundTruthRanker(RankerConfig(score="parts")).scores(reference, candidates)
+    assert GroundTruthRanker().scores(RankPrompt("q", reference), candidates) == [
+        0.0,
+        0.0,
+        1.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+    ]
+    parts = GroundTruthRanker(RankerConfig(score="parts")).scores(RankPrompt("q", reference), candidates)
     assert parts == pytest.approx([0.0, 2 / 3, 1.0, 0.0, 1 / 3, 3 / 4, 3 / 5])
     with pytest.raises(ValueError, match="ranker.score"):
         GroundTruthRanker(RankerConfig(score="graded"))  # type: ignore[arg-type]

@@ -24,7 +24,14 @@ from rlaif_ray.algo.advantages import ranks_from_orderings
 from rlaif_ray.config import RankerConfig
 from rlaif_ray.groups import Group
 from rlaif_ray.learner.engine import free_port
-from rlaif_ray.ranker import GroundTruthRanker, OpenAIRanker, RankerWorker, format_ordering, make_backend
+from rlaif_ray.ranker import (
+    GroundTruthRanker,
+    OpenAIRanker,
+    RankerWorker,
+    RankPrompt,
+    format_ordering,
+    make_backend,
+)
 from rlaif_ray.ranker.prompting import ordering_lines, ordering_regex
 
 KEY_ENV = "RLAIF_RAY_TEST_JUDGE_KEY"
@@ -36,7 +43,7 @@ def rank_by_reference(prompt: str) -> str:
     """A well-behaved judge: reasons in one line, then ranks the prompt's candidates by the reference."""
     reference = _REFERENCE_LINE.search(prompt)
     candidates = [text for _, text in _CANDIDATE_LINE.findall(prompt)]
-    ordering = GroundTruthRanker().rank("", reference.group(1) if reference else "", candidates)
+    ordering = GroundTruthRanker().rank(RankPrompt("", reference.group(1) if reference else ""), candidates)
     return "I compared every candidate with the reference.\n" + format_ordering(ordering)
 
 
@@ -180,7 +187,9 @@ def test_ranks_a_group_through_http(server: FakeJudgeServer, monkeypatch: pytest
     worker = RankerWorker(cfg, group_size=4)
     assert isinstance(worker.backend, OpenAIRanker)
     group = worker.rank_group(make_group(ANSWERS))
-    expected = ranks_from_orderings([GroundTruthRanker().rank("", "red circle", ANSWERS)], 4)[0].tolist()
+    expected = ranks_from_orderings([GroundTruthRanker().rank(RankPrompt("", "red circle"), ANSWERS)], 4)[
+        0
+    ].tolist()
     assert group.rank_status == "ok" and group.rank_attempts == 1
     assert group.ranks == expected == [3.0, 0.5, 2.0, 0.5]
     assert group.scores is None  # an API judge ranks, it does not score
@@ -196,16 +205,16 @@ def test_ranks_a_group_through_http(server: FakeJudgeServer, monkeypatch: pytest
 
 def test_structured_output_request_field(server: FakeJudgeServer) -> None:
     backend = make_backend(openai_cfg(server, openai_structured_output=True))
-    assert backend.rank("q", "red circle", ANSWERS) == [[1, 3], 2, 0]
+    assert backend.rank(RankPrompt("q", "red circle"), ANSWERS) == [[1, 3], 2, 0]
     assert server.bodies[0]["structured_outputs"] == {"choice": list(ordering_lines(4))}
     seven = ["red circle", "blue", "red", "green", "red circle", "blue square", "up"]
-    assert backend.rank("q", "red circle", seven) == [[0, 4], 2, [1, 3, 6], 5]
+    assert backend.rank(RankPrompt("q", "red circle"), seven) == [[0, 4], 2, [1, 3, 6], 5]
     assert server.bodies[1]["structured_outputs"] == {"regex": ordering_regex(7)}
 
 
 def test_missing_key_env_sends_dummy_key(server: FakeJudgeServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(KEY_ENV, raising=False)
-    ordering = make_backend(openai_cfg(server)).rank("q", "red", ["blue", "red"])
+    ordering = make_backend(openai_cfg(server)).rank(RankPrompt("q", "red"), ["blue", "red"])
     assert ordering == [1, 0]
     assert server.auth_headers == ["Bearer EMPTY"]
 
@@ -285,7 +294,7 @@ def test_semaphore_bounds_direct_callers(server: FakeJudgeServer) -> None:
     backend = make_backend(openai_cfg(server, openai_max_concurrency=2))
     results: list[object] = []
     threads = [
-        threading.Thread(target=lambda: results.append(backend.rank("q", "red", ["blue", "red"])))
+        threading.Thread(target=lambda: results.append(backend.rank(RankPrompt("q", "red"), ["blue", "red"])))
         for _ in range(4)
     ]
     for thread in threads:

@@ -3,8 +3,11 @@
 from rlaif_ray.ranker.backends import (
     GroundTruthRanker,
     JudgeRanker,
+    NoReference,
     OpenAIRanker,
     RankerBackend,
+    RankPrompt,
+    backend_names,
     is_correct,
     make_backend,
     normalize_answer,
@@ -19,16 +22,21 @@ from rlaif_ray.ranker.prompting import (
     format_ordering,
     parse_ordering,
 )
+from rlaif_ray.ranker.video_judge import VideoJudgeRanker
 from rlaif_ray.ranker.worker import RankerWorker
 
 __all__ = [
     "GroundTruthRanker",
     "InvalidOrdering",
     "JudgeRanker",
+    "NoReference",
     "OpenAIRanker",
     "Ordering",
+    "RankPrompt",
     "RankerBackend",
     "RankerWorker",
+    "VideoJudgeRanker",
+    "backend_names",
     "build_ranking_prompt",
     "format_ordering",
     "is_correct",

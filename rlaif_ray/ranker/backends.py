@@ -1,9 +1,14 @@
 """Ranker backends: the oracles that order a group of candidate answers, registered by name.
 
-Every backend answers ``rank(question, reference, candidates) -> ordering`` (tiers best first,
-see :mod:`rlaif_ray.ranker.prompting`) and is built from the config with :func:`make_backend`:
+Every backend answers ``rank(prompt, candidates) -> ordering`` (tiers best first, see
+:mod:`rlaif_ray.ranker.prompting`), where the :class:`RankPrompt` is the group's whole prompt: the
+question, its type, the reference when there is one, and the video (its path, and its frames
+decoded by the ranker when the backend declares ``needs_video``). Backends are built from the
+config with :func:`make_backend`:
 
 * ``ground_truth``: compares each answer with the reference answer (the synthetic task's oracle);
+* ``video_judge``: a video-language model in this project's policy format that looks at the video
+  (:mod:`rlaif_ray.ranker.video_judge`);
 * ``judge``: a local causal language model prompted listwise (transformers, CPU);
 * ``openai``: any OpenAI-compatible chat-completions endpoint.
 
@@ -22,8 +27,10 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import openai
 import torch
 
@@ -38,23 +45,48 @@ from rlaif_ray.ranker.prompting import (
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class RankPrompt:
+    """What a backend is shown of a group's prompt.
+
+    ``video`` is the path the data names (None: a text-only question); ``frames`` are its frames,
+    uint8 ``[T, H, W, 3]`` sampled as the policy samples them (``model.num_frames``), decoded by
+    the ranker only for a backend that ``needs_video``. ``reference`` is None for a prompt nobody
+    labelled.
+    """
+
+    question: str
+    reference: str | None = None
+    question_type: str | None = None
+    video: str | None = None
+    frames: np.ndarray | None = None
+
+
+class NoReference(ValueError):
+    """A backend that ranks against the reference was given a group that has none."""
+
+
 class RankerBackend(abc.ABC):
     """The interface every backend implements; ``name`` is set by :func:`register_backend`.
 
     ``concurrency``: how many threads may call :meth:`rank` at once (1 unless a backend can
     overlap calls). ``transport_retries``: requests the backend itself retried (0 if it never does).
+    ``needs_video``: the ranker decodes each group's video for :attr:`RankPrompt.frames`.
+    ``needs_reference``: the backend cannot rank a group without a reference answer.
     """
 
     name: str = ""
     concurrency: int = 1
     transport_retries: int = 0
+    needs_video: bool = False
+    needs_reference: bool = False
 
     @abc.abstractmethod
-    def rank(self, question: str, reference: str | None, candidates: list[str]) -> Ordering:
+    def rank(self, prompt: RankPrompt, candidates: list[str]) -> Ordering:
         """Order ``candidates`` best first (ties allowed); raise when no ordering can be given."""
 
-    def scores(self, reference: str, candidates: list[str]) -> list[float] | None:
-        """Per-candidate scores against a known reference, or None for backends that only rank."""
+    def scores(self, prompt: RankPrompt, candidates: list[str]) -> list[float] | None:
+        """Per-candidate scalar scores (higher is better), or None for backends that only rank."""
         return None
 
 
@@ -72,6 +104,16 @@ def register_backend(name: str) -> Callable[[type[RankerBackend]], type[RankerBa
         return cls
 
     return decorator
+
+
+def backend_names() -> list[str]:
+    """The registered backend names (what ``ranker.backend`` may be)."""
+    return sorted(_BACKENDS)
+
+
+def backend_class(name: str) -> type[RankerBackend]:
+    """The backend registered as ``name`` (KeyError when none is)."""
+    return _BACKENDS[name]
 
 
 def make_backend(cfg: RankerConfig) -> RankerBackend:
@@ -141,15 +183,20 @@ class GroundTruthRanker(RankerBackend):
     accuracy itself with ``ranker.score=parts`` (a graded scalar reward).
     """
 
+    needs_reference = True
+
     def __init__(self, cfg: RankerConfig | None = None) -> None:
         self.score = cfg.score if cfg is not None else "binary"
         if self.score not in ("binary", "parts"):
             raise ValueError(f"ranker.score must be 'binary' or 'parts', got {self.score!r}")
 
-    def rank(self, question: str, reference: str | None, candidates: list[str]) -> Ordering:
-        if reference is None:
-            raise ValueError("the ground_truth ranker needs a reference answer; this group has none")
-        ref = normalize_answer(reference)
+    def rank(self, prompt: RankPrompt, candidates: list[str]) -> Ordering:
+        if prompt.reference is None:
+            raise NoReference(
+                "the ground_truth ranker needs a reference answer and this prompt has none: rank "
+                "prompts nobody labelled with a judge that looks at the video (ranker.backend=video_judge)"
+            )
+        ref = normalize_answer(prompt.reference)
         keys = []
         for candidate in candidates:
             norm = normalize_answer(candidate)
@@ -160,10 +207,12 @@ class GroundTruthRanker(RankerBackend):
             ordering.append(tier[0] if len(tier) == 1 else tier)
         return ordering
 
-    def scores(self, reference: str, candidates: list[str]) -> list[float]:
+    def scores(self, prompt: RankPrompt, candidates: list[str]) -> list[float] | None:
         """Per answer: 1.0 when correct (:func:`is_correct`) else 0.0; with ``score="parts"``, its
-        :func:`part_accuracy`."""
-        ref = normalize_answer(reference)
+        :func:`part_accuracy`. None without a reference."""
+        if prompt.reference is None:
+            return None
+        ref = normalize_answer(prompt.reference)
         parts = [part_accuracy(normalize_answer(candidate), ref) for candidate in candidates]
         return parts if self.score == "parts" else [float(p == 1.0) for p in parts]
 
@@ -208,8 +257,8 @@ class JudgeRanker(RankerBackend):
         new_tokens = output[0, inputs["input_ids"].shape[1] :]
         return self.tokenizer.decode(new_tokens, skip_special_tokens=True)
 
-    def rank(self, question: str, reference: str | None, candidates: list[str]) -> Ordering:
-        answer = self.generate(build_ranking_prompt(question, reference, candidates))
+    def rank(self, prompt: RankPrompt, candidates: list[str]) -> Ordering:
+        answer = self.generate(build_ranking_prompt(prompt.question, prompt.reference, candidates))
         return parse_ordering(answer, len(candidates))
 
 
@@ -345,7 +394,8 @@ class OpenAIRanker(RankerBackend):
                 time.sleep(delay)
                 attempt += 1
 
-    def rank(self, question: str, reference: str | None, candidates: list[str]) -> Ordering:
+    def rank(self, prompt: RankPrompt, candidates: list[str]) -> Ordering:
         constraint = structured_output_constraint(len(candidates)) if self.structured_output else None
-        answer = self.complete(build_ranking_prompt(question, reference, candidates), constraint)
+        text = build_ranking_prompt(prompt.question, prompt.reference, candidates)
+        answer = self.complete(text, constraint)
         return parse_ordering(answer, len(candidates))

@@ -71,7 +71,12 @@ class RankerPool:
 
     def _options(self, name: str) -> dict[str, Any]:
         rc = self.cfg.ranker
-        options: dict[str, Any] = {"name": name, "num_cpus": rc.num_cpus_per_actor, "max_concurrency": 1}
+        options: dict[str, Any] = {
+            "name": name,
+            "num_cpus": rc.num_cpus_per_actor,
+            "num_gpus": rc.num_gpus_per_actor,
+            "max_concurrency": 1,
+        }
         if rc.resource:
             options["resources"] = {rc.resource: 1}
         return options
@@ -80,7 +85,12 @@ class RankerPool:
         name = f"ranker-{self._next_index}"
         self._next_index += 1
         actor_cls = ray.remote(RankerWorker).options(**self._options(name))
-        self.actors[name] = actor_cls.remote(self.cfg.ranker, self.cfg.rl.group_size)
+        self.actors[name] = actor_cls.remote(
+            self.cfg.ranker,
+            self.cfg.rl.group_size,
+            num_frames=self.cfg.model.num_frames,
+            max_video_pixels=self.cfg.data.max_video_pixels,
+        )
         self._idle_since[name] = time.monotonic()
         return name
 

@@ -11,6 +11,11 @@ seconds, whatever the backend is doing then:
 * ``tie``: every rank (G - 1) / 2, status ``"fallback_tie"`` (zero advantage, the learner skips it);
 * ``drop``: ranks None, status ``"dropped"`` (the group is discarded).
 
+A group the backend cannot be shown is not ranked (ranks None; the loop drops it as unranked) and
+is counted: ``no_reference`` when the backend ranks against a reference (``ground_truth``) and the
+group has none (an error names the group and the backend to use instead), ``bad_video`` when the
+backend looks at the video (``needs_video``) and it does not decode here (warned once per video).
+
 Each group is ranked in a thread of its own, at most ``backend.concurrency`` at once. That is what
 lets the worker keep its deadline when a backend call hangs: the worker stops waiting for the
 group, and the thread finishes its call in the background (bounded by the backend's own timeouts),
@@ -28,10 +33,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlaif_ray.algo.advantages import ranks_from_orderings
-from rlaif_ray.config import RankerConfig
+from rlaif_ray.config import DataConfig, ModelConfig, RankerConfig
+from rlaif_ray.data.frames import FrameStore
 from rlaif_ray.groups import Group
 from rlaif_ray.logs import setup_logging
-from rlaif_ray.ranker.backends import RankerBackend, make_backend
+from rlaif_ray.ranker.backends import RankerBackend, RankPrompt, is_correct, make_backend
 from rlaif_ray.ranker.prompting import InvalidOrdering, Ordering
 from rlaif_ray.telemetry import Telemetry
 
@@ -52,6 +58,8 @@ COUNTERS = (
     "fallback_tie",
     "dropped",
     "deadline_expired",
+    "no_reference",
+    "bad_video",
 )
 
 
@@ -72,6 +80,7 @@ class _Job:
     """One group's ranking in progress: written by its thread, read by the worker once settled."""
 
     group: Group
+    prompt: RankPrompt
     deadline: float  # time.monotonic() at which the group gets the fallback
     cancelled: threading.Event = field(default_factory=threading.Event)
     attempts: int = 0
@@ -80,9 +89,21 @@ class _Job:
 
 
 class RankerWorker:
-    """Ranks groups of ``group_size`` answers with ``backend`` (default: ``make_backend(cfg)``)."""
+    """Ranks groups of ``group_size`` answers with ``backend`` (default: ``make_backend(cfg)``).
 
-    def __init__(self, cfg: RankerConfig, group_size: int, backend: RankerBackend | None = None) -> None:
+    For a backend that looks at the video, each group's video is decoded here as the policy samples
+    it (``num_frames`` frames, videos over ``max_video_pixels`` per frame refused): the path must be
+    readable where the ranker runs.
+    """
+
+    def __init__(
+        self,
+        cfg: RankerConfig,
+        group_size: int,
+        backend: RankerBackend | None = None,
+        num_frames: int = ModelConfig.num_frames,
+        max_video_pixels: int | None = DataConfig.max_video_pixels,
+    ) -> None:
         setup_logging()  # the level the driver exported (RankerConfig does not carry it)
         if cfg.fallback not in ("tie", "drop"):
             raise ValueError(f"ranker.fallback must be 'tie' or 'drop', got {cfg.fallback!r}")
@@ -91,6 +112,11 @@ class RankerWorker:
         self.cfg = cfg
         self.group_size = group_size
         self.backend = backend if backend is not None else make_backend(cfg)
+        self.frames = (
+            FrameStore(num_frames, capacity=256, max_pixels=max_video_pixels)
+            if self.backend.needs_video
+            else None
+        )
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self._errors: Counter[str] = Counter()
@@ -117,9 +143,16 @@ class RankerWorker:
                 )
         for group in groups:
             group.ranks, group.scores, group.rank_status, group.rank_attempts = None, None, "pending", 0
+            group.correct = (
+                None
+                if group.reference is None
+                else [float(is_correct(c, group.reference)) for c in group.completions]
+            )
         start = time.perf_counter()
         settled: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-        waiting, running = deque(groups), []
+        prompts = {id(group): self._prompt(group) for group in groups}
+        shown = [g for g in groups if prompts[id(g)] is not None]
+        waiting, running = deque(_Job(g, prompts[id(g)], 0.0) for g in shown), []
         while waiting or running:
             while waiting and len(running) < max(1, self.backend.concurrency):
                 running.append(self._start(waiting.popleft(), settled))
@@ -135,9 +168,8 @@ class RankerWorker:
             if job in running:  # else its deadline passed first: already settled
                 running.remove(job)
                 self._settle(job, time.perf_counter() - start)
-        for group in groups:
-            if group.reference is not None:
-                group.scores = self.backend.scores(group.reference, group.completions)
+        for group in shown:
+            group.scores = self.backend.scores(prompts[id(group)], group.completions)
         with self._lock:
             self._counts["groups"] += len(groups)
             self._counts["ok"] += sum(g.rank_status == "ok" for g in groups)
@@ -179,10 +211,35 @@ class RankerWorker:
         counts["transport_retries"] = self.backend.transport_retries
         return counts, Counter(self._errors)
 
-    def _start(self, group: Group, settled: queue.SimpleQueue[_Job]) -> _Job:
-        job = _Job(group, deadline=time.monotonic() + self.cfg.group_deadline_s)
+    def _prompt(self, group: Group) -> RankPrompt | None:
+        """What the backend is shown of ``group``'s prompt, or None (the group is marked unranked and
+        counted) when it cannot be shown: no reference for a backend that needs one, or a video that
+        does not decode for a backend that looks at it."""
+        if self.backend.needs_reference and group.reference is None:
+            log.error(
+                "ranker: group %s has no reference answer and ranker.backend=%s ranks against the "
+                "reference: not ranked (rank prompts nobody labelled with ranker.backend=video_judge)",
+                group.group_id,
+                self.backend.name,
+            )
+            return self._unranked(group, "no_reference")
+        frames = None
+        if self.frames is not None and group.video is not None:
+            frames = self.frames.try_get(group.video)  # warned once per video, with the reason
+            if frames is None:
+                return self._unranked(group, "bad_video")
+        return RankPrompt(group.question, group.reference, group.question_type, group.video, frames)
+
+    def _unranked(self, group: Group, status: str) -> None:
+        group.ranks, group.rank_status = None, status
+        with self._lock:
+            self._counts[status] += 1
+        return None
+
+    def _start(self, job: _Job, settled: queue.SimpleQueue[_Job]) -> _Job:
+        job.deadline = time.monotonic() + self.cfg.group_deadline_s
         thread = threading.Thread(
-            target=self._attempt, args=(job, settled), name=f"rank-{group.group_id}", daemon=True
+            target=self._attempt, args=(job, settled), name=f"rank-{job.group.group_id}", daemon=True
         )
         thread.start()
         return job
@@ -196,7 +253,7 @@ class RankerWorker:
                     return
                 job.attempts = attempt
                 try:
-                    answer = self.backend.rank(group.question, group.reference, group.completions)
+                    answer = self.backend.rank(job.prompt, group.completions)
                     job.ranks = self._ranks(answer)
                     return
                 except Exception as exc:
