@@ -34,6 +34,10 @@ class DataConfig:
     synthetic_dir: str | None = "data/synthetic"
     synthetic_videos: int = 400
     synthetic_seed: int = 0
+    # Fraction of the synthetic training videos whose lines keep their answers; the others are
+    # written without one (prompts nobody labelled: SFT skips them, RL samples them and needs a
+    # ranker that looks at the video, e.g. ranker.backend=video_judge).
+    synthetic_label_fraction: float = 1.0
     # Fractions of the videos in val and test (each video's questions stay in one split).
     synthetic_val_frac: float = 0.1
     synthetic_test_frac: float = 0.1
@@ -403,6 +407,12 @@ def validate(cfg: Config) -> Config:
     for key in ("synthetic_val_frac", "synthetic_test_frac"):
         value = getattr(cfg.data, key)
         _check(0 <= value < 1, f"data.{key}", value, "a fraction in [0, 1)")
+    _check(
+        0 <= cfg.data.synthetic_label_fraction <= 1,
+        "data.synthetic_label_fraction",
+        cfg.data.synthetic_label_fraction,
+        "a fraction in [0, 1]",
+    )
     _check(
         0 <= cfg.data.max_bad_video_fraction <= 1,
         "data.max_bad_video_fraction",

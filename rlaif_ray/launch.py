@@ -38,6 +38,7 @@ from rlaif_ray.learner.worker import LearnerCollectiveError, LearnerWorker, shar
 from rlaif_ray.logs import ScalarWriter, setup_logging
 from rlaif_ray.plot import plot_runs
 from rlaif_ray.prepare import ensure_data, ensure_model
+from rlaif_ray.ranker.backends import backend_class
 from rlaif_ray.ranker.pool import RankerPool
 from rlaif_ray.rollout.worker import RolloutWorker, WeightsBehind
 from rlaif_ray.sft import fingerprint, fingerprint_differences, finished_checkpoint, run_sft
@@ -245,6 +246,7 @@ class Trainer:
         }
         self.faults = {"rollout_restarts": 0, "learner_restores": 0}
         self.rows_bad_video = 0  # answers the learner dropped because their video failed there
+        self.sampled_without_reference = 0  # groups sampled for prompts nobody labelled
         self.metrics = LoopMetrics()  # live metrics (Ray dashboard, Prometheus)
 
     # ---- sampling and ranking
@@ -348,6 +350,7 @@ class Trainer:
         for position, group in enumerate(groups):
             self.order[group.group_id] = (draw, position)
         self.counts["sampled"] += len(groups)
+        self.sampled_without_reference += sum(g.reference is None for g in groups)
         if groups:
             lag = self.version - min(g.weight_version for g in groups)
             Telemetry("rollout", f"rollout-{index}").set("rlaif_rollout_weight_lag", lag)
@@ -502,6 +505,7 @@ class Trainer:
             "faults": self.faults,
             "in_pipeline": self.in_pipeline(),
             "rows_bad_video": self.rows_bad_video,
+            "sampled_without_reference": self.sampled_without_reference,
             "evals": self.evals,
             "restores": self.restores,
         }
@@ -581,6 +585,7 @@ class Trainer:
         self.faults.update(state["faults"])
         self.evals, self.restores = state["evals"], state["restores"]
         self.rows_bad_video = state["rows_bad_video"]
+        self.sampled_without_reference = state.get("sampled_without_reference", 0)
         if later:  # the stopped job's counts at its last record, its later updates rolled back
             last = later[-1]["pipeline"]
             self.counts.update({k: last[k] for k in self.counts if k in last})
@@ -762,6 +767,8 @@ class Trainer:
             "rl_wall_s": rl_wall_s,
             "evals": self.evals,
             "groups": {**self.counts, "unlearned_at_end": self.in_pipeline()},
+            # Groups sampled for prompts without a reference answer (ranked by a judge only).
+            "groups_without_reference": self.sampled_without_reference,
             "faults": {**self.faults, "ranker_restarts": self.pool.restarts, "restores": self.restores},
             "ranker": self.pool.stats(),
             "rollout": rollout_stats,
@@ -938,7 +945,16 @@ def prepare_run(cfg: Config) -> tuple[Config, Path, Path]:
     cfg.run_dir = str(run_dir)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     ensure_data(cfg)
-    (run_dir / "data_check.json").write_text(json.dumps(check_data(cfg), indent=2))
+    data = check_data(cfg)
+    (run_dir / "data_check.json").write_text(json.dumps(data, indent=2))
+    unlabelled = data["train"]["without_answer"]
+    if unlabelled and backend_class(cfg.ranker.backend).needs_reference:
+        raise ConfigError(
+            f"data.train = {cfg.data.train} has {unlabelled} line(s) without an answer, and "
+            f"ranker.backend={cfg.ranker.backend} ranks against the reference answer: rank prompts "
+            "nobody labelled with a judge that looks at the video (ranker.backend=video_judge, "
+            "ranker.judge_path=...)"
+        )
     return cfg, run_dir, ensure_model(cfg)
 
 

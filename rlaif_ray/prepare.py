@@ -31,6 +31,7 @@ def ensure_data(cfg: Config) -> None:
         val_frac=cfg.data.synthetic_val_frac,
         test_frac=cfg.data.synthetic_test_frac,
         question_types=cfg.data.synthetic_question_types,
+        label_fraction=cfg.data.synthetic_label_fraction,
     )
     still_missing = [str(p) for p in paths if not p.is_file()]
     if still_missing:

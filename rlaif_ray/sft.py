@@ -235,6 +235,8 @@ def run_sft(cfg: Config) -> dict[str, Any]:
         "wall_s": time.time() - start,
         "train_s": train_s,
         "history": history,
+        # Training lines with an answer (the ones SFT learns from; lines without one are skipped).
+        "train_examples": len(train),
         "skipped_videos": store.skipped_videos,
         "model": str(model_dir),
         "fingerprint": fingerprint(cfg, model_dir),

@@ -201,6 +201,9 @@ def test_wrong_type_names_key_value_and_expectation(override: str, key: str, val
         ("algo.kl_estimator=k2", "algo.kl_estimator", "'k2'", "'k3'"),
         ("model.visual_tokens=cls", "model.visual_tokens", "'cls'", "'patch'"),
         ("rollout.engine=sglang", "rollout.engine", "'sglang'", "'vllm'"),
+        ("ranker.backend=oracle", "ranker.backend", "'oracle'", "'video_judge'"),
+        ("ranker.backend=video_judge", "ranker.judge_path", "None", "policy format"),
+        ("data.synthetic_label_fraction=1.5", "data.synthetic_label_fraction", "1.5", "[0, 1]"),
     ],
 )
 def test_impossible_value_names_key_value_and_expectation(override: str, key: str, value: str, expected: str):
@@ -314,3 +317,21 @@ def test_gpu_1x_yaml_shares_one_gpu_between_rollout_and_learner():
     # vLLM's share of the GPU's memory leaves the learner room on the same card.
     assert cfg.rollout.vllm_gpu_memory_utilization <= 0.5
     assert cfg.rollout.vllm_max_lora_rank >= cfg.model.lora_r
+
+
+def test_a_registered_ranker_backend_is_accepted_by_name_with_no_other_edit() -> None:
+    """Config validation asks the backend registry: registering a backend is the only step."""
+    from rlaif_ray.ranker.backends import _BACKENDS, RankerBackend, register_backend
+
+    @register_backend("test_only_backend")
+    class TestOnly(RankerBackend):
+        def rank(self, prompt, candidates):  # pragma: no cover - never called
+            return list(range(len(candidates)))
+
+    try:
+        assert (
+            load_config(DEFAULT, ["ranker.backend=test_only_backend"]).ranker.backend == "test_only_backend"
+        )
+    finally:
+        del _BACKENDS["test_only_backend"]
+    assert "test_only_backend" in _error(["ranker.backend=test_only_backend"])

@@ -172,7 +172,7 @@ def data_config(tmp_path: Path, on_bad_line: str, bad: dict[str, list[str]]) -> 
     """A config whose train/val/test files each hold two good lines and the ``bad`` lines of that split."""
     overrides = ["data.synthetic_dir=null", f"data.on_bad_line={on_bad_line}"]
     for split in ("train", "val", "test"):
-        good = [json.dumps({"video": "a.mp4", "question": f"{split} {i} ?"}) for i in range(2)]
+        good = [json.dumps({"video": "a.mp4", "question": f"{split} {i} ?", "answer": "a"}) for i in range(2)]
         path = write_lines(tmp_path / f"{split}.jsonl", [good[0], *bad.get(split, []), good[1]])
         overrides.append(f"data.{split}={path}")
     return load_config(None, overrides)
@@ -187,9 +187,9 @@ def test_check_data_counts_bad_lines_per_file_and_warns_with_file_and_line(
         counts = check_data(cfg)
 
     assert counts == {
-        "train": {"path": cfg.data.train, "examples": 2, "bad_lines": 2},
-        "val": {"path": cfg.data.val, "examples": 2, "bad_lines": 0},
-        "test": {"path": cfg.data.test, "examples": 2, "bad_lines": 1},
+        "train": {"path": cfg.data.train, "examples": 2, "bad_lines": 2, "without_answer": 0},
+        "val": {"path": cfg.data.val, "examples": 2, "bad_lines": 0, "without_answer": 0},
+        "test": {"path": cfg.data.test, "examples": 2, "bad_lines": 1, "without_answer": 0},
     }
     assert f"{cfg.data.train}:2: invalid JSON" in caplog.text
     assert f"{cfg.data.train}:3: 'question' must be a non-empty string" in caplog.text
@@ -391,3 +391,23 @@ def test_cli_activitynet(tmp_path: Path):
 
     assert status == 0
     assert load_jsonl(out)[0].type == "yes_no"
+
+
+def test_check_data_counts_unlabelled_training_lines_and_refuses_them_in_val(tmp_path: Path) -> None:
+    """Training lines may omit the answer (counted); a val or test line without one is an error
+    naming the split, the file and a line, since accuracy is measured against the answers."""
+    labelled = '{"question": "q", "answer": "a"}\n'
+    (tmp_path / "train.jsonl").write_text(
+        labelled + '{"question": "q2"}\n{"question": "q3", "answer": null}\n'
+    )
+    (tmp_path / "val.jsonl").write_text(labelled)
+    (tmp_path / "test.jsonl").write_text(labelled + '{"question": "q4", "id": "no-answer"}\n')
+    cfg = load_config(None, [f"data.{s}={tmp_path / s}.jsonl" for s in ("train", "val", "test")])
+    with pytest.raises(
+        DatasetError, match=r"data.test = .*test.jsonl: 1 line\(s\) without an answer .*'no-answer'"
+    ):
+        check_data(cfg)
+    (tmp_path / "test.jsonl").write_text(labelled)
+    counts = check_data(cfg)
+    assert counts["train"]["without_answer"] == 2 and counts["train"]["examples"] == 3
+    assert counts["val"]["without_answer"] == counts["test"]["without_answer"] == 0

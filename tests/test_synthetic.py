@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import decord
@@ -216,3 +217,24 @@ def test_graded_describe_questions_name_colour_shape_and_direction(tmp_path: Pat
     assert np.array_equal(load_frames(video, 4), load_frames(other, 4))
     with pytest.raises(ValueError, match="unknown question types"):
         generate(tmp_path / "bad", 3, question_types=["colour", "mood"])
+
+
+def test_label_fraction_keeps_the_answers_of_that_share_of_training_videos(tmp_path: Path) -> None:
+    """The questions of round(fraction * training videos) videos keep their answers, the others
+    are written without one; val and test keep every answer; the choice follows the seed."""
+    paths = generate(tmp_path / "a", 20, seed=3, val_frac=0.2, test_frac=0.2, label_fraction=0.25)
+    train = load_jsonl(paths["train"])
+    answered = {ex.video for ex in train if ex.answer is not None}
+    unanswered = {ex.video for ex in train if ex.answer is None}
+    assert len(answered) == round(0.25 * 12) and len(unanswered) == 12 - len(answered)
+    assert not answered & unanswered  # a video's questions are all labelled or none is
+    unanswered_names = {Path(v).name for v in unanswered}
+    lines = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+    assert all("answer" not in line for line in lines if Path(line["video"]).name in unanswered_names)
+    for split in ("val", "test"):
+        assert all(ex.answer for ex in load_jsonl(paths[split]))
+    again = generate(tmp_path / "b", 20, seed=3, val_frac=0.2, test_frac=0.2, label_fraction=0.25)
+    same = {Path(ex.video).name for ex in load_jsonl(again["train"]) if ex.answer is not None}
+    assert same == {Path(v).name for v in answered}
+    with pytest.raises(ValueError, match="label_fraction"):
+        generate(tmp_path / "c", 20, seed=3, label_fraction=1.5)

@@ -176,12 +176,15 @@ def check_data(cfg: Config) -> dict[str, dict[str, Any]]:
     """Read ``data.train``, ``data.val`` and ``data.test`` under ``data.on_bad_line``, so that a
     bad file or line is reported (file and line) before SFT or any actor starts.
 
+    Training lines may omit ``answer`` (prompts nobody labelled: SFT skips them, RL ranks them
+    with a judge); val and test lines are what accuracy is measured on, so each needs one.
+
     Returns:
-        per split, ``{"path", "examples", "bad_lines"}`` (for ``summary.json``).
+        per split, ``{"path", "examples", "bad_lines", "without_answer"}`` (for ``summary.json``).
 
     Raises:
-        DatasetError: a bad line under ``on_bad_line="raise"``, a file that cannot be read, or
-            a train split without a usable example.
+        DatasetError: a bad line under ``on_bad_line="raise"``, a file that cannot be read, a val
+            or test line without an answer, or a train split without a usable example.
     """
     counts: dict[str, dict[str, Any]] = {}
     for split in ("train", "val", "test"):
@@ -193,7 +196,18 @@ def check_data(cfg: Config) -> dict[str, dict[str, Any]]:
                 f"data.{split} = {path}: cannot read it ({error.strerror or error})"
             ) from error
         _apply_policy(report, path, cfg.data.on_bad_line)
-        counts[split] = {"path": str(path), "examples": len(report.examples), "bad_lines": len(report.errors)}
+        unlabelled = [ex for ex in report.examples if ex.answer is None]
+        if unlabelled and split != "train":
+            raise DatasetError(
+                f"data.{split} = {path}: {len(unlabelled)} line(s) without an answer (e.g. id "
+                f"{unlabelled[0].id!r}): evaluation needs a reference answer on every line"
+            )
+        counts[split] = {
+            "path": str(path),
+            "examples": len(report.examples),
+            "bad_lines": len(report.errors),
+            "without_answer": len(unlabelled),
+        }
         if not report.examples:
             logger.warning("data.%s = %s: no usable example (%d bad lines)", split, path, len(report.errors))
     if not counts["train"]["examples"]:

@@ -17,6 +17,7 @@ larger ``n_videos`` adds videos without changing the first ones (the split does 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import os
 import time
@@ -148,12 +149,16 @@ def generate(
     val_frac: float = 0.1,
     test_frac: float = 0.1,
     question_types: list[str] = QUESTION_TYPES,
+    label_fraction: float = 1.0,
 ) -> dict[str, Path]:
     """Write ``n_videos`` videos and their questions under ``out_dir``.
 
     Writes ``out_dir/videos/NNNNN.mp4`` and ``out_dir/{train,val,test}.jsonl``; val and test
     get ``round(n_videos * frac)`` videos each, train the rest (at least one). Each video gets one
-    question of each of ``question_types`` (the videos do not depend on them).
+    question of each of ``question_types`` (the videos do not depend on them). The questions of
+    ``round(label_fraction * n_train)`` training videos (chosen from ``seed``) keep their answers;
+    the other training lines are written without ``answer``: prompts nobody labelled, for RL
+    from a judge. Val and test always keep theirs.
 
     Returns:
         ``{"train": path, "val": path, "test": path}`` of the JSONL files.
@@ -170,6 +175,8 @@ def generate(
     n_val, n_test = round(n_videos * val_frac), round(n_videos * test_frac)
     if min(val_frac, test_frac) < 0 or n_val + n_test >= n_videos:
         raise ValueError(f"val_frac={val_frac}, test_frac={test_frac} leave no training video of {n_videos}")
+    if not 0 <= label_fraction <= 1:
+        raise ValueError(f"label_fraction must be in [0, 1], got {label_fraction}")
 
     from rlaif_ray.data.video import write_video  # PyAV and decord: only when writing videos
 
@@ -207,6 +214,12 @@ def generate(
         "test": order[n_val : n_val + n_test],
         "train": order[n_val + n_test :],
     }
+    train = sorted(split_videos["train"])
+    n_labelled = round(label_fraction * len(train))
+    labelled_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(n_videos, 1)))
+    unlabelled = set(train) - {int(i) for i in labelled_rng.choice(train, n_labelled, replace=False)}
+    for i in unlabelled:
+        examples_by_video[i] = [dataclasses.replace(ex, answer=None) for ex in examples_by_video[i]]
     paths = {}
     for split in SPLITS:
         paths[split] = out_dir / f"{split}.jsonl"
@@ -230,6 +243,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--types", nargs="+", default=QUESTION_TYPES, choices=ALL_TYPES, help="question types per video"
     )
+    parser.add_argument(
+        "--label-fraction", type=float, default=1.0, help="fraction of training videos with answers"
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     paths = generate(
@@ -242,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         val_frac=args.val_frac,
         test_frac=args.test_frac,
         question_types=args.types,
+        label_fraction=args.label_fraction,
     )
     print(f"generated {args.n} videos in {time.perf_counter() - start:.1f} s")
     for split, path in paths.items():
