@@ -111,6 +111,23 @@ class SFTConfig:
 
 
 @dataclass
+class JudgeConfig:
+    """How the video judge (``ranker.judge_path``) is built when that folder holds no checkpoint:
+    ``python -m rlaif_ray.prepare judge``, or a ``ranker.backend=video_judge`` run before it starts.
+    The policy's base model is trained by SFT (``sft.*`` settings, best on val kept) on synthetic
+    data of its own, generated from another seed than the policy's, so that the judge never saw
+    the policy's val or test videos; then measured on the policy's test split
+    (``judge_state.json``: greedy accuracy and top-1 ranking accuracy)."""
+
+    build_if_missing: bool = True
+    data_dir: str = "data/synthetic_judge"
+    seed: int = 1  # its data's seed: must differ from data.synthetic_seed
+    videos: int = 400
+    sft_steps: int = 1200
+    eval_every: int = 200
+
+
+@dataclass
 class RolloutConfig:
     """Rollout actors that sample a group of answers per prompt."""
 
@@ -298,6 +315,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     ranker: RankerConfig = field(default_factory=RankerConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
@@ -328,6 +346,9 @@ def validate(cfg: Config) -> Config:
     """Check the values that the types alone cannot (ranges, relations between keys)."""
     positive_ints = [
         ("data.synthetic_videos", cfg.data.synthetic_videos),
+        ("judge.videos", cfg.judge.videos),
+        ("judge.sft_steps", cfg.judge.sft_steps),
+        ("judge.eval_every", cfg.judge.eval_every),
         ("data.max_video_pixels", cfg.data.max_video_pixels),
         ("model.num_frames", cfg.model.num_frames),
         ("model.lora_r", cfg.model.lora_r),

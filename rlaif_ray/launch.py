@@ -37,7 +37,7 @@ from rlaif_ray.groups import Group
 from rlaif_ray.learner.worker import LearnerCollectiveError, LearnerWorker, shard
 from rlaif_ray.logs import ScalarWriter, setup_logging
 from rlaif_ray.plot import plot_runs
-from rlaif_ray.prepare import ensure_data, ensure_model
+from rlaif_ray.prepare import ensure_data, ensure_judge, ensure_model
 from rlaif_ray.ranker.backends import backend_class
 from rlaif_ray.ranker.pool import RankerPool
 from rlaif_ray.rollout.worker import RolloutWorker, WeightsBehind
@@ -89,6 +89,18 @@ def warm_start(cfg: Config, model_dir: Path) -> str:
     )(run_sft)
     ray.get(task.remote(cfg))
     return cfg.sft.output_dir
+
+
+def judge_ready(cfg: Config) -> None:
+    """Build the video judge (``ranker.judge_path``) when the run ranks with one and it is missing:
+    an SFT of its own (``judge.*``), in a task of its own like the warm start."""
+    if cfg.ranker.backend != "video_judge" or (Path(cfg.ranker.judge_path) / "policy.json").is_file():
+        return
+    print(f"[launch] building the video judge -> {cfg.ranker.judge_path}", flush=True)
+    task = ray.remote(
+        num_cpus=cfg.learner.num_cpus_per_actor, num_gpus=cfg.learner.num_gpus_per_actor, max_calls=1
+    )(ensure_judge)
+    ray.get(task.remote(cfg))
 
 
 def start_learners(cfg: Config, policy_dir: str) -> list[Any]:
@@ -880,7 +892,9 @@ def with_absolute_paths(cfg: Config) -> Config:
         ("model", "path"),
         ("sft", "output_dir"),
         ("ranker", "judge_model_path"),
+        ("ranker", "judge_path"),
         ("ranker", "openai_api_key_file"),
+        ("judge", "data_dir"),
     ]:
         value = getattr(getattr(cfg, section), key)
         if value:
@@ -965,6 +979,7 @@ def run(cfg: Config) -> dict[str, Any]:
     if started_ray:
         init_ray(cfg)
     try:
+        judge_ready(cfg)
         policy_dir = warm_start(cfg, model_dir)
         resume_from = resume_point(cfg)[1] if cfg.resume else None
         return Trainer(cfg, run_dir, policy_dir).run(resume_from)

@@ -12,10 +12,11 @@ from rlaif_ray.config import Config, ConfigError, config_from_dict, flat_keys, l
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT = CONFIGS / "default.yaml"
 PAPER = CONFIGS / "paper_7b.yaml"
+RLAIF = CONFIGS / "rlaif.yaml"
 
 
 # --------------------------------------------------------------------------- shipped configs
-@pytest.mark.parametrize("path", [DEFAULT, PAPER], ids=["default", "paper_7b"])
+@pytest.mark.parametrize("path", [DEFAULT, PAPER, RLAIF], ids=["default", "paper_7b", "rlaif"])
 def test_shipped_config_loads_with_every_value_from_the_file(path: Path):
     """Every key written in the file reaches the Config (numbers compared as numbers)."""
     cfg = load_config(path)
@@ -335,3 +336,10 @@ def test_a_registered_ranker_backend_is_accepted_by_name_with_no_other_edit() ->
     finally:
         del _BACKENDS["test_only_backend"]
     assert "test_only_backend" in _error(["ranker.backend=test_only_backend"])
+
+
+def test_rlaif_yaml_ranks_with_the_video_judge_on_mostly_unlabelled_prompts():
+    cfg = load_config(RLAIF)
+    assert cfg.ranker.backend == "video_judge" and cfg.ranker.judge_path
+    assert cfg.data.synthetic_label_fraction == 0.2 and cfg.judge.seed != cfg.data.synthetic_seed
+    assert cfg.data.synthetic_dir != load_config(DEFAULT).data.synthetic_dir  # its own data

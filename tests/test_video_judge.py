@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from rlaif_ray.algo.advantages import ranks_from_orderings
-from rlaif_ray.config import Config, ConfigError, RankerConfig
+from rlaif_ray.config import Config, ConfigError, RankerConfig, load_config
 from rlaif_ray.data.dataset import load_jsonl
 from rlaif_ray.data.frames import FrameStore
 from rlaif_ray.data.synthetic import ANSWERS_BY_TYPE
@@ -160,3 +161,51 @@ def test_rl_on_prompts_without_reference_ranked_by_the_video_judge(
     assert summary["ranker"]["ok"] >= 16 and summary["ranker"]["no_reference"] == 0
     assert summary["groups"]["dropped_unranked"] == 0
     assert all(r["learner"]["rows"] > 0 for r in records if not r["learner"].get("skipped_step"))
+
+
+@pytest.mark.slow
+def test_prepare_judge_builds_a_judge_on_data_of_its_own_and_measures_it(
+    small_config: Config, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python -m rlaif_ray.prepare judge`` trains the judge on synthetic data from its own seed
+    (never the policy's split), keeps the best on val, and writes judge_state.json with its greedy
+    and top-1 ranking accuracy on the policy's test split; a second call finds it and trains nothing."""
+    from rlaif_ray.prepare import JUDGE_STATE, ensure_judge, main
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(small_config.to_dict()))
+    judge_dir, data_dir = tmp_path / "judge", tmp_path / "judge_data"
+    overrides = [
+        "ranker.backend=video_judge",
+        f"ranker.judge_path={judge_dir}",
+        f"judge.data_dir={data_dir}",
+        "judge.seed=5",
+        "judge.videos=24",
+        "judge.sft_steps=20",
+        "judge.eval_every=10",
+    ]
+    main(["judge", "--config", str(config), *overrides])
+    state = json.loads((judge_dir / JUDGE_STATE).read_text())
+    assert (
+        f'"top1_ranking_accuracy": {state["policy_test"]["top1_ranking_accuracy"]}' in capsys.readouterr().out
+    )
+    assert state["seed"] == 5 and state["data_dir"] == str(data_dir)
+    assert 0 < state["sft"]["train_examples"] <= 24 * 4 and state["sft"]["saved_step"] in (0, 10, 20)
+    policy_test = load_jsonl(small_config.data.test)
+    assert state["policy_test"]["n"] == state["policy_test"]["ranked"] == len(policy_test)
+    assert 0 <= state["policy_test"]["top1_ranking_accuracy"] <= 1
+    assert 0 <= state["policy_test"]["greedy_accuracy"] <= 1
+    judge_videos = {
+        ex.video for split in ("train", "val", "test") for ex in load_jsonl(data_dir / f"{split}.jsonl")
+    }
+    assert judge_videos.isdisjoint(ex.video for ex in policy_test)
+    assert all(str(data_dir) in video for video in judge_videos)
+    # It ranks as a backend, and a second build finds it.
+    judge_cfg = load_config(str(config), overrides)
+    VideoJudgeRanker(judge_cfg.ranker)
+    before = (judge_dir / JUDGE_STATE).stat().st_mtime_ns
+    assert ensure_judge(judge_cfg) == judge_dir and (judge_dir / JUDGE_STATE).stat().st_mtime_ns == before
+    with pytest.raises(ValueError, match="judge.seed = 0 equals data.synthetic_seed"):
+        ensure_judge(
+            load_config(str(config), [*overrides, f"ranker.judge_path={tmp_path / 'other'}", "judge.seed=0"])
+        )
