@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
@@ -106,11 +107,21 @@ def test_learner_killed_mid_run(small_config: Config, colour_checkpoint: Path) -
     assert load_config(str(checkpoints / "step_4" / "config.yaml")).learner.lr == cfg.learner.lr
 
 
-def final_policy_files(run_dir: Path) -> dict[str, bytes]:
-    """Every file of the final checkpoint's policy (adapter, projector, policy.json), as bytes."""
+def final_policy_files(run_dir: Path) -> dict[str, Any]:
+    """Every file of the final checkpoint's policy (adapter, projector, policy.json): the weights as
+    bytes, the JSON files parsed (peft writes ``target_modules``, a set, in the process's hash order)."""
     final = run_dir / "checkpoints" / "final"
     files = [final / "policy.json", final / "projector.safetensors", *sorted((final / "adapter").iterdir())]
-    return {str(f.relative_to(final)): f.read_bytes() for f in files}
+    out: dict[str, Any] = {}
+    for f in files:
+        if f.suffix == ".json":
+            content = json.loads(f.read_text())
+            if isinstance(content.get("target_modules"), list):
+                content["target_modules"] = sorted(content["target_modules"])
+            out[str(f.relative_to(final))] = content
+        else:
+            out[str(f.relative_to(final))] = f.read_bytes()
+    return out
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float) -> None:
