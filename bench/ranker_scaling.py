@@ -138,6 +138,7 @@ def pool_config(args: argparse.Namespace, actors: int, base_url: str) -> Config:
         [
             *args.overrides,
             "ranker.backend=openai",
+            "ranker.openai_frames=0",  # the delayed judge reads text only
             f"ranker.openai_base_url={base_url}",
             "ranker.openai_api_key_env=RLAIF_RAY_BENCH_JUDGE_KEY",  # unset: the key "EMPTY"
             f"ranker.openai_max_concurrency={args.concurrency}",

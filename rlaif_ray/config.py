@@ -214,6 +214,10 @@ class RankerConfig:
     # Ask the server for structured output (vLLM's ``structured_outputs``): the judge can only
     # answer a valid ordering line, so even a small judge never answers out of format.
     openai_structured_output: bool = False
+    # Frames of the group's video sent to the judge as images (base64 PNG parts of the chat
+    # message, before the text: what vLLM's OpenAI server takes for a vision-language model),
+    # evenly spaced among the model.num_frames the ranker decodes; 0 sends the text alone.
+    openai_frames: int = 8
 
 
 @dataclass

@@ -116,6 +116,7 @@ def pool_config(base_url: str) -> Config:
         str(ROOT / "configs" / "default.yaml"),
         [
             "ranker.backend=openai",
+            "ranker.openai_frames=0",
             f"ranker.openai_base_url={base_url}",
             "ranker.openai_api_key_env=RLAIF_RAY_TEST_AUTOSCALER_KEY",  # unset: the key "EMPTY"
             "ranker.openai_max_concurrency=2",

@@ -170,6 +170,7 @@ def judge_config(base_url: str, *overrides: str) -> Config:
             "ranker.max_actors=1",
             "ranker.num_cpus_per_actor=0.25",
             "ranker.backend=openai",
+            "ranker.openai_frames=0",
             f"ranker.openai_base_url={base_url}",
             "ranker.openai_timeout_s=30",
             "ranker.openai_max_concurrency=2",

@@ -10,6 +10,8 @@ requests it had in flight at once. With ``expected_key`` it answers 401 to any o
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import logging
 import re
@@ -18,7 +20,9 @@ import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from rlaif_ray.algo.advantages import ranks_from_orderings
 from rlaif_ray.config import RankerConfig
@@ -90,7 +94,10 @@ class FakeJudgeServer:
                 return self.fail_status, {
                     "error": {"message": f"scripted failure {call}{echo}", "type": "server_error"}
                 }
-            content = self.reply(body["messages"][-1]["content"])
+            message = body["messages"][-1]["content"]
+            if isinstance(message, list):  # content parts: images first, then the text
+                message = next(part["text"] for part in message if part["type"] == "text")
+            content = self.reply(message)
             return 200, {
                 "id": f"chatcmpl-{call}",
                 "object": "chat.completion",
@@ -154,6 +161,7 @@ def openai_cfg(server: FakeJudgeServer, **overrides: object) -> RankerConfig:
         openai_backoff_s=0.01,
         openai_max_concurrency=2,
         max_retries=2,
+        openai_frames=0,  # a text-only judge: the groups here have no video to decode
     )
     values.update(overrides)
     return RankerConfig(**values)
@@ -356,6 +364,7 @@ def test_connection_refused_is_retried_with_backoff_then_falls_back(caplog: pyte
         openai_backoff_s=0.05,
         openai_max_retries=2,
         max_retries=1,
+        openai_frames=0,
     )
     worker = RankerWorker(cfg, group_size=4)
     start = time.perf_counter()
@@ -402,3 +411,44 @@ def test_a_hung_judge_meets_the_group_deadline(
         time.sleep(0.01)
     assert not any(t.name.startswith("rank-h") for t in threading.enumerate())
     assert server.calls == 3 and worker.stats()["errors"] == {} and len(worker_messages(caplog)) == 3
+
+
+def decoded_images(body: dict) -> list[np.ndarray]:
+    """Every image of a request's user message, decoded from its base64 data URL."""
+    images = []
+    for part in body["messages"][-1]["content"]:
+        if part["type"] == "image_url":
+            head, data = part["image_url"]["url"].split(",", 1)
+            assert head == "data:image/png;base64"
+            images.append(np.asarray(Image.open(io.BytesIO(base64.b64decode(data)))))
+    return images
+
+
+def test_frames_of_the_video_go_before_the_text_and_the_reference_line_only_when_known(
+    server: FakeJudgeServer, synthetic_dir
+) -> None:
+    """``ranker.openai_frames`` evenly spaced frames of the group's video, decoded by the ranker as
+    the policy samples them, reach the server as PNG images before the question and the numbered
+    candidates; a prompt nobody labelled has no reference line; 0 frames sends the text alone."""
+    from rlaif_ray.data.dataset import load_jsonl
+    from rlaif_ray.data.frames import FrameStore
+
+    example = load_jsonl(synthetic_dir / "test.jsonl")[0]
+    frames = FrameStore(8).get(example.video)
+    group = make_group(ANSWERS, group_id="seen")
+    group.video, group.reference = example.video, None
+    worker = RankerWorker(openai_cfg(server, openai_frames=4), group_size=4, num_frames=8)
+    ranked = worker.rank_group(group)
+    assert ranked.rank_status == "ok"
+    body = server.bodies[-1]
+    parts = body["messages"][-1]["content"]
+    assert [p["type"] for p in parts] == ["image_url"] * 4 + ["text"]
+    images = decoded_images(body)
+    for image, index in zip(images, [0, 2, 5, 7], strict=True):  # linspace(0, 7, 4), rounded
+        assert np.array_equal(image, frames[index])
+    assert "Reference answer" not in parts[-1]["text"] and "[3] Red circle." in parts[-1]["text"]
+    text_only = RankerWorker(openai_cfg(server, openai_frames=0), group_size=4)
+    group.reference = "red circle"
+    assert text_only.rank_group(group).rank_status == "ok"
+    assert isinstance(server.bodies[-1]["messages"][-1]["content"], str)
+    assert "Reference answer: red circle" in server.bodies[-1]["messages"][-1]["content"]

@@ -114,6 +114,7 @@ def test_key_from_a_file_reaches_the_judge_and_nowhere_else(
         None,
         [
             "ranker.backend=openai",
+            "ranker.openai_frames=0",
             f"ranker.openai_base_url={judge.base_url}",
             f"ranker.openai_api_key_env={KEY_ENV}",
             f"ranker.openai_api_key_file={key_file}",

@@ -111,6 +111,7 @@ def vllm_judge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def judge_cfg(base_url: str, structured: bool) -> RankerConfig:
     return RankerConfig(
         backend="openai",
+        openai_frames=0,  # the tiny judge served here is a text-only LM
         openai_base_url=base_url,
         openai_model="judge",
         openai_structured_output=structured,

@@ -20,6 +20,8 @@ groups the worker may rank at once with it (threads calling ``rank``).
 from __future__ import annotations
 
 import abc
+import base64
+import io
 import logging
 import os
 import re
@@ -347,6 +349,8 @@ class OpenAIRanker(RankerBackend):
         self.backoff_s = cfg.openai_backoff_s
         self.concurrency = cfg.openai_max_concurrency
         self.structured_output = cfg.openai_structured_output
+        self.frames = cfg.openai_frames
+        self.needs_video = cfg.openai_frames > 0
         self._api_key = read_api_key(cfg)
         self.client = openai.OpenAI(
             api_key=self._api_key,
@@ -358,8 +362,9 @@ class OpenAIRanker(RankerBackend):
         self._lock = threading.Lock()
         self.transport_retries = 0
 
-    def complete(self, prompt: str, structured_outputs: dict | None = None) -> str:
-        """The assistant's reply to ``prompt``, retrying transient failures with back-off.
+    def complete(self, prompt: str | list[dict], structured_outputs: dict | None = None) -> str:
+        """The assistant's reply to ``prompt`` (a text, or a list of content parts), retrying
+        transient failures with back-off.
 
         ``structured_outputs``, when given, is sent as the request's ``structured_outputs`` field.
         """
@@ -394,8 +399,24 @@ class OpenAIRanker(RankerBackend):
                 time.sleep(delay)
                 attempt += 1
 
+    def content(self, text: str, frames: np.ndarray | None) -> str | list[dict]:
+        """The user message: ``text`` alone, or ``self.frames`` frames evenly spaced among ``frames``
+        as base64 PNG images followed by ``text``."""
+        if frames is None or not self.frames:
+            return text
+        from PIL import Image
+
+        picked = np.linspace(0, len(frames) - 1, min(self.frames, len(frames))).round().astype(int)
+        parts: list[dict] = []
+        for index in picked:
+            buffer = io.BytesIO()
+            Image.fromarray(frames[index]).save(buffer, format="PNG")
+            url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+            parts.append({"type": "image_url", "image_url": {"url": url}})
+        return [*parts, {"type": "text", "text": text}]
+
     def rank(self, prompt: RankPrompt, candidates: list[str]) -> Ordering:
         constraint = structured_output_constraint(len(candidates)) if self.structured_output else None
         text = build_ranking_prompt(prompt.question, prompt.reference, candidates)
-        answer = self.complete(text, constraint)
+        answer = self.complete(self.content(text, prompt.frames), constraint)
         return parse_ordering(answer, len(candidates))
