@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
-CONFIG ?= configs/default.yaml
+# RLAIF on the built-in tiny task (configs/default.yaml: every answer labelled, the ground-truth oracle).
+CONFIG ?= configs/rlaif.yaml
 ARGS ?=
 # vLLM's GPU build where `nvidia-smi` sees a GPU, else its CPU build (override: VLLM_BUILD=cpu|gpu).
 VLLM_BUILD ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
