@@ -112,8 +112,10 @@ class RankerWorker:
         self.cfg = cfg
         self.group_size = group_size
         self.backend = backend if backend is not None else make_backend(cfg)
+        # A group is ranked once, its G answers together: a few decoded videos kept suffice (frames
+        # stay at the video's own size here, so a large cache of real videos would cost gigabytes).
         self.frames = (
-            FrameStore(num_frames, capacity=256, max_pixels=max_video_pixels)
+            FrameStore(num_frames, capacity=16, max_pixels=max_video_pixels)
             if self.backend.needs_video
             else None
         )
