@@ -243,8 +243,10 @@ def test_second_sft_run_in_the_same_process(sft_run: SFTRun, synthetic_dir: Path
 
 
 def test_zero3_checkpoint_loads_and_scores_like_zero2(sft_run: SFTRun, synthetic_dir: Path, tmp_path: Path):
-    """ZeRO-3 partitions the trainable tensors (every one, with the threshold at 0); the saved
-    checkpoint must hold them whole and score as the same steps under ZeRO-2 do."""
+    """SFT under ZeRO-3 in one process (the threshold at 0: every tensor goes through ZeRO-3's
+    partitioned form and is gathered for each forward and for the save, but with one rank nothing
+    is split across processes; two ranks are tests/test_zero3.py's, for the learner): the saved
+    checkpoint must hold the tensors whole and score as the same steps under ZeRO-2 do."""
     model = Path(sft_run.cfg.model.path)
     steps = ["sft.steps=8", "sft.eval_every=8", "sft.batch_size=8", "sft.warmup_steps=0", "sft.lr=2e-3"]
     scores = {}
