@@ -71,9 +71,9 @@ def ensure_judge(cfg: Config) -> Path:
     ``judge.build_if_missing``): the policy's base model trained by SFT, best on val kept, on
     synthetic data of its own (``judge.data_dir``, ``judge.videos`` videos from ``judge.seed``), then
     measured on the policy's test split into ``judge_state.json``."""
-    path = Path(cfg.ranker.judge_path or "")
     if not cfg.ranker.judge_path:
         raise ValueError("ranker.judge_path must name the judge's folder")
+    path = Path(cfg.ranker.judge_path)
     if (path / "policy.json").is_file():
         return path
     if not cfg.judge.build_if_missing:
