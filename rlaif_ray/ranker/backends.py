@@ -73,6 +73,8 @@ class RankerBackend(abc.ABC):
 
     ``concurrency``: how many threads may call :meth:`rank` at once (1 unless a backend can
     overlap calls). ``transport_retries``: requests the backend itself retried (0 if it never does).
+    ``prompt_tokens`` / ``completion_tokens``: tokens a server reported for this backend's requests
+    (0 for backends that run no server).
     ``needs_video``: the ranker decodes each group's video for :attr:`RankPrompt.frames`.
     ``needs_reference``: the backend cannot rank a group without a reference answer.
     """
@@ -80,6 +82,8 @@ class RankerBackend(abc.ABC):
     name: str = ""
     concurrency: int = 1
     transport_retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
     needs_video: bool = False
     needs_reference: bool = False
 
@@ -361,6 +365,8 @@ class OpenAIRanker(RankerBackend):
         self._slots = threading.BoundedSemaphore(cfg.openai_max_concurrency)
         self._lock = threading.Lock()
         self.transport_retries = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
 
     def complete(self, prompt: str | list[dict], structured_outputs: dict | None = None) -> str:
         """The assistant's reply to ``prompt`` (a text, or a list of content parts), retrying
@@ -379,6 +385,10 @@ class OpenAIRanker(RankerBackend):
                         temperature=self.temperature,
                         extra_body=extra_body,
                     )
+                if response.usage is not None:  # the images sent count among the prompt tokens
+                    with self._lock:
+                        self.prompt_tokens += response.usage.prompt_tokens
+                        self.completion_tokens += response.usage.completion_tokens
                 return response.choices[0].message.content or ""
             except openai.APIError as exc:
                 _clean(exc, self._api_key)

@@ -46,7 +46,9 @@ log = logging.getLogger(__name__)
 # The counters of RankerWorker.stats() and RankerPool.stats(): groups ranked, of which ok or given
 # the fallback (fallback_tie + dropped; deadline_expired of them by the deadline); attempts and
 # re-asks (retries) of the worker; requests the backend retried itself (transport_retries);
-# answers that were no valid ordering (invalid). ``errors`` counts failed attempts by exception.
+# answers that were no valid ordering (invalid); groups not ranked for want of a reference
+# (no_reference) or of a video that decodes (bad_video); tokens an API server reported
+# (prompt_tokens, completion_tokens). ``errors`` counts failed attempts by exception.
 COUNTERS = (
     "groups",
     "ok",
@@ -60,6 +62,8 @@ COUNTERS = (
     "deadline_expired",
     "no_reference",
     "bad_video",
+    "prompt_tokens",
+    "completion_tokens",
 )
 
 
@@ -208,9 +212,11 @@ class RankerWorker:
             return {**{key: counts[key] for key in COUNTERS}, "errors": dict(errors), "rank_s": self._rank_s}
 
     def _snapshot(self) -> tuple[Counter[str], Counter[str]]:
-        """Copies of the counters (the backend's transport retries included); call under the lock."""
+        """Copies of the counters (the backend's transport retries and token counts included); call
+        under the lock."""
         counts = Counter(self._counts)
-        counts["transport_retries"] = self.backend.transport_retries
+        for key in ("transport_retries", "prompt_tokens", "completion_tokens"):
+            counts[key] = getattr(self.backend, key)
         return counts, Counter(self._errors)
 
     def _prompt(self, group: Group) -> RankPrompt | None:
