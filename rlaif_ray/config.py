@@ -257,6 +257,12 @@ class LearnerConfig:
     micro_batch_size: int = 64
     # Optimisation passes over each batch (1: strictly on-policy, ratio == 1 at the first step).
     epochs_per_batch: int = 1
+    # Each group's prompt (visual tokens + question) runs through the LM once per pass and its G
+    # answers on the prompt's keys and values, instead of G copies of prompt + answer: the same
+    # log-probs and gradients (tests/test_shared_prefix.py), a fraction of the LM work when the
+    # prompt is long. false: every answer its own full sequence (for a model whose forward does
+    # not take a key-value cache, and for comparison). Groups are never split between learners.
+    shared_prefix: bool = True
     backend: Literal["gloo", "nccl"] = "gloo"
     # ZeRO-3 keeps parameters smaller than this whole on every rank (DeepSpeed's
     # stage3_param_persistence_threshold, for SFT too); 0 partitions every parameter.

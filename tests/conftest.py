@@ -99,3 +99,41 @@ def colour_checkpoint(
     )
     run_sft(cfg)
     return out / "checkpoint"
+
+
+@pytest.fixture(scope="session")
+def default_warm_start(
+    synthetic_dir: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Config:
+    """The default config (motion tokens) after an SFT warm start with the default SFT settings,
+    shortened to 30 steps (an adapter and a projector: the learners then hold a reference adapter)."""
+    out = tmp_path_factory.mktemp("default_warm_start")
+    overrides = [
+        f"sft.output_dir={out / 'sft'}",
+        "sft.steps=30",
+        "sft.eval_every=30",
+        f"run_dir={out / 'run'}",
+    ]
+    cfg = load_config(DEFAULT_YAML, [*session_data_and_model(synthetic_dir, tiny_model_dir), *overrides])
+    assert cfg.model.visual_tokens == "motion"
+    from rlaif_ray.sft import run_sft
+
+    run_sft(cfg)
+    cfg.model.path, cfg.sft.enabled = cfg.sft.output_dir, False
+    return cfg
+
+
+def start_learners(cfg: Config, world_size: int = 2) -> list:
+    """``world_size`` learner actors (half a CPU each) of ``cfg``, set up together; Ray must be up."""
+    import ray
+
+    from rlaif_ray.learner.worker import LearnerWorker
+
+    actor_cls = ray.remote(LearnerWorker)
+    learners = [
+        actor_cls.options(num_cpus=0.5).remote(cfg, cfg.model.path, rank, world_size)
+        for rank in range(world_size)
+    ]
+    addr, port = ray.get(learners[0].address.remote())
+    ray.get([learner.setup.remote(addr, port) for learner in learners], timeout=300)
+    return learners

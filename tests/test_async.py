@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 from loop_checks import assert_versions_follow_updates
 
@@ -79,18 +80,29 @@ def test_bound_zero_takes_the_same_steps_as_the_plain_classes(
     assert summary["groups"]["unlearned_at_end"] == 0
     served = VideoLMPolicy.from_folder(Path(cfg.run_dir) / "checkpoints" / "final", cfg.model)
 
-    # The same steps in this process: rollout worker -> ranker worker -> learner worker.
-    learner = LearnerWorker(cfg, cfg.model.path)
-    learner.setup()
-    rollout = RolloutWorker(cfg, cfg.model.path)
-    ranker = RankerWorker(cfg.ranker, cfg.rl.group_size)
-    rng, train = random.Random(cfg.seed), load_jsonl(cfg.data.train)
-    for step in range(1, cfg.rl.steps + 1):
-        groups = ranker.rank_groups(rollout.rollout(rng.sample(train, cfg.rl.prompts_per_step), step))
-        learner.train_step(groups)
-        rollout.update_weights(learner.version, learner.export_weights())
-    assert learner.version == summary["weight_version"] == final_version
-    expected = learner.export_weights()
+    # The same steps through the plain classes: rollout worker -> ranker worker -> learner worker,
+    # called one after the other in one process. That process is a Ray worker like the loop's
+    # actors (one CPU, so OMP_NUM_THREADS=1 as theirs): this test process's torch, which other
+    # tests ran on two threads first, picks other CPU kernels for some small matrix products
+    # than a process started with one thread, and the comparison is bit for bit.
+    def plain_steps(cfg: Config) -> tuple[int, dict[str, torch.Tensor]]:
+        learner = LearnerWorker(cfg, cfg.model.path)
+        learner.setup()
+        rollout = RolloutWorker(cfg, cfg.model.path)
+        ranker = RankerWorker(cfg.ranker, cfg.rl.group_size)
+        rng, train = random.Random(cfg.seed), load_jsonl(cfg.data.train)
+        for step in range(1, cfg.rl.steps + 1):
+            groups = ranker.rank_groups(rollout.rollout(rng.sample(train, cfg.rl.prompts_per_step), step))
+            learner.train_step(groups)
+            rollout.update_weights(learner.version, learner.export_weights())
+        return learner.version, learner.export_weights()
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        version, expected = ray.get(ray.remote(num_cpus=1)(plain_steps).remote(cfg), timeout=600)
+    finally:
+        ray.shutdown()
+    assert version == summary["weight_version"] == final_version
     got = served.trainable_state_dict()
     assert expected.keys() == got.keys()
     for key in expected:

@@ -15,43 +15,14 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from conftest import DEFAULT_YAML, session_data_and_model
+from conftest import start_learners
 
-from rlaif_ray.config import Config, load_config
+from rlaif_ray.config import Config
 from rlaif_ray.data.dataset import load_jsonl
 from rlaif_ray.learner.worker import LearnerCollectiveError, LearnerWorker
 from rlaif_ray.rollout.worker import RolloutWorker
-from rlaif_ray.sft import run_sft
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def default_warm_start(
-    synthetic_dir: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Config:
-    """The default config (motion tokens) after an SFT warm start with the default SFT settings,
-    shortened to 30 steps (an adapter and a projector: the learners then hold a reference adapter)."""
-    out = tmp_path_factory.mktemp("zero3")
-    overrides = [
-        f"sft.output_dir={out / 'sft'}",
-        "sft.steps=30",
-        "sft.eval_every=30",
-        f"run_dir={out / 'run'}",
-    ]
-    cfg = load_config(DEFAULT_YAML, [*session_data_and_model(synthetic_dir, tiny_model_dir), *overrides])
-    assert cfg.model.visual_tokens == "motion"
-    run_sft(cfg)
-    cfg.model.path, cfg.sft.enabled = cfg.sft.output_dir, False
-    return cfg
-
-
-def start_learners(cfg: Config) -> list:
-    actor_cls = ray.remote(LearnerWorker)
-    learners = [actor_cls.options(num_cpus=0.5).remote(cfg, cfg.model.path, rank, 2) for rank in range(2)]
-    addr, port = ray.get(learners[0].address.remote())
-    ray.get([learner.setup.remote(addr, port) for learner in learners], timeout=300)
-    return learners
 
 
 @pytest.mark.parametrize("shares", ["uneven", "one_without_video"])

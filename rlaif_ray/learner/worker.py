@@ -57,6 +57,7 @@ class TrainRow:
     old_logprobs: list[float]
     advantage: float
     weight_version: int = 0
+    group_id: str = ""  # the rows of one group follow one another and share its prompt
 
 
 def group_advantages(groups: list[Group], cfg: Config) -> list[list[float]]:
@@ -100,7 +101,9 @@ def build_rows(groups: list[Group], cfg: Config) -> tuple[list[TrainRow], dict[s
             skipped_tied += 1
             continue
         for ids, logp, a in zip(group.completion_ids, group.logprobs, adv, strict=True):
-            rows.append(TrainRow(group.video, group.question, ids, logp, a, group.weight_version))
+            rows.append(
+                TrainRow(group.video, group.question, ids, logp, a, group.weight_version, group.group_id)
+            )
     flat = [a for adv in advantages for a in adv]
     stats = {
         "groups": float(len(groups)),
@@ -111,6 +114,17 @@ def build_rows(groups: list[Group], cfg: Config) -> tuple[list[TrainRow], dict[s
         "advantage_min": min(flat) if flat else 0.0,
     }
     return rows, stats
+
+
+def split_groups(rows: list[TrainRow]) -> list[list[TrainRow]]:
+    """``rows`` cut into their groups: runs of consecutive rows with the same ``group_id``."""
+    groups: list[list[TrainRow]] = []
+    for row in rows:
+        if groups and groups[-1][0].group_id == row.group_id:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return groups
 
 
 def shard(items: list[Any], rank: int, world_size: int) -> list[Any]:
@@ -210,14 +224,16 @@ class LearnerWorker:
         rows = usable
         self.batch_has_video = any(r.video is not None for r in rows)
         stats["rows"] = float(len(rows))
-        if len(rows) < self.world_size:
+        # Whole groups go to each learner and micro-batch: a group's answers share its prompt.
+        groups_of_rows = split_groups(rows)
+        if len(groups_of_rows) < self.world_size:
             stats.update({"skipped_step": 1.0, "learn_s": time.time() - start})
             return stats
         algo = self.cfg.algo
         global_count = (
             sum(len(r.completion_ids) for r in rows) if algo.aggregation == "token_mean" else len(rows)
         )
-        mine = shard(rows, self.rank, self.world_size)
+        mine = shard(groups_of_rows, self.rank, self.world_size)
         n_micro = self.n_micro
         chunks = [shard(mine, i, n_micro) for i in range(n_micro)]
         totals: dict[str, float] = {}
@@ -264,46 +280,41 @@ class LearnerWorker:
         )
         return stats
 
+    def _policy_inputs(self, groups: list[list[TrainRow]]) -> dict[str, Any]:
+        """The keyword arguments of ``VideoLMPolicy.answer_logprobs`` for the answers of ``groups``:
+        with ``learner.shared_prefix`` one prompt (and video features) per group and the group's
+        sizes, else one prompt per answer."""
+        rows = [r for group in groups for r in group]
+        heads = [group[0] for group in groups] if self.cfg.learner.shared_prefix else rows
+        return {
+            "prompts": [self.policy.prompt_ids(r.question, video=r.video is not None) for r in heads],
+            "answers": [r.completion_ids for r in rows],
+            "features": self._visual_features([r.video for r in heads]),
+            "group_sizes": [len(group) for group in groups] if self.cfg.learner.shared_prefix else None,
+            "temperature": self.cfg.rollout.temperature,
+        }
+
     @torch.no_grad()
-    def _prox_logprobs(self, rows: list[TrainRow]) -> torch.Tensor:
-        """The learner's log-probs of ``rows`` before this step's update (``pi_prox``)."""
-        features = self._visual_features([r.video for r in rows])
-        prompts = [self.policy.prompt_ids(r.question, video=r.video is not None) for r in rows]
-        logprobs, _, _ = self.policy.answer_logprobs(
-            None,
-            prompts,
-            [r.completion_ids for r in rows],
-            temperature=self.cfg.rollout.temperature,
-            features=features,
-        )
+    def _prox_logprobs(self, groups: list[list[TrainRow]]) -> torch.Tensor:
+        """The learner's log-probs of the answers of ``groups`` before this step's update (``pi_prox``)."""
+        logprobs, _, _ = self.policy.answer_logprobs(None, **self._policy_inputs(groups))
         return logprobs
 
     def _micro_step(
         self,
-        rows: list[TrainRow],
+        groups: list[list[TrainRow]],
         real: bool,
         global_count: int,
         n_micro: int,
         prox: torch.Tensor | None = None,
     ) -> dict[str, float]:
-        features = self._visual_features([r.video for r in rows])
-        prompts = [self.policy.prompt_ids(r.question, video=r.video is not None) for r in rows]
-        answers = [r.completion_ids for r in rows]
+        rows = [r for group in groups for r in group]
+        inputs = self._policy_inputs(groups)
         algo = self.cfg.algo
-        temperature = self.cfg.rollout.temperature
-        logprobs, mask, entropy = self.engine(
-            None,
-            prompts,
-            answers,
-            temperature=temperature,
-            with_entropy=algo.entropy_coef > 0,
-            features=features,
-        )
+        logprobs, mask, entropy = self.engine(None, with_entropy=algo.entropy_coef > 0, **inputs)
         ref = None
         if algo.kl_coef > 0:
-            ref, _, _ = self.policy.answer_logprobs(
-                None, prompts, answers, temperature=temperature, reference=True, features=features
-            )
+            ref, _, _ = self.policy.answer_logprobs(None, reference=True, **inputs)
         width = logprobs.shape[1]
         behaviour = _pad([r.old_logprobs for r in rows], width, logprobs.device)
         advantages = torch.tensor([r.advantage for r in rows], device=logprobs.device)

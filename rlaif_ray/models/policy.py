@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from rlaif_ray.config import ModelConfig
 
@@ -461,6 +461,7 @@ class VideoLMPolicy(VideoInputs):
         reference: bool = False,
         with_entropy: bool = False,
         features: torch.Tensor | None = None,
+        group_sizes: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Log-probabilities of given answers under softmax(logits / temperature).
 
@@ -470,31 +471,110 @@ class VideoLMPolicy(VideoInputs):
         :meth:`visual_features`) replace ``pixels`` when a caller encodes each video only once.
         ``pixels``/``features`` hold one entry per prompt with a video placeholder, in order
         (both None for a batch of text-only prompts).
+
+        ``group_sizes`` (the shared prefix): ``prompts`` (and their pixels or features) are one per
+        group, and group ``k``'s ``group_sizes[k]`` answers follow one another in ``answers``. Each
+        prompt then runs through the LM once and its answers on its keys and values
+        (:meth:`_shared_prefix_logits`): the same log-probs and gradients as giving every answer
+        its own copy of the prompt (``group_sizes=None``), with the prompt's work done once.
         """
         ctx = self.reference_mode() if reference else contextlib.nullcontext()
         with ctx, torch.no_grad() if reference else contextlib.nullcontext():
             visual = self.encode_video(pixels, reference=reference, features=features)
-            embeds, mask, prompt_lens = self._splice(visual, prompts, answers, pad_left=False)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
-        a_len = max(len(a) for a in answers)
-        b = len(answers)
-        index = torch.zeros(b, a_len, dtype=torch.long)
-        ans_mask = torch.zeros(b, a_len)
-        targets = torch.zeros(b, a_len, dtype=torch.long)
+            if group_sizes is None:
+                picked = self._full_sequence_logits(visual, prompts, answers)
+            else:
+                picked = self._shared_prefix_logits(visual, prompts, answers, group_sizes)
+        ans_mask = torch.zeros(len(answers), picked.shape[1])
+        targets = torch.zeros(len(answers), picked.shape[1], dtype=torch.long)
         for i, ans in enumerate(answers):
-            n = len(ans)
-            index[i, :n] = torch.arange(prompt_lens[i] - 1, prompt_lens[i] - 1 + n)
-            ans_mask[i, :n] = 1.0
-            targets[i, :n] = torch.tensor(ans, dtype=torch.long)
-        index, ans_mask, targets = (t.to(logits.device) for t in (index, ans_mask, targets))
-        picked = torch.gather(logits, 1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1])).float()
-        logp_all = torch.log_softmax(picked / temperature, dim=-1)
+            ans_mask[i, : len(ans)] = 1.0
+            targets[i, : len(ans)] = torch.tensor(ans, dtype=torch.long)
+        ans_mask, targets = ans_mask.to(picked.device), targets.to(picked.device)
+        logp_all = torch.log_softmax(picked.float() / temperature, dim=-1)
         logprobs = torch.gather(logp_all, 2, targets.unsqueeze(-1)).squeeze(-1) * ans_mask
         entropy = None
         if with_entropy:
             entropy = -(logp_all.exp() * logp_all).sum(-1) * ans_mask
         return logprobs, ans_mask, entropy
+
+    def _full_sequence_logits(
+        self, visual: torch.Tensor | None, prompts: list[list[int]], answers: list[list[int]]
+    ) -> torch.Tensor:
+        """Logits [B, A, V] that predict each answer's tokens, every row its own prompt + answer
+        sequence through the LM."""
+        embeds, mask, prompt_lens = self._splice(visual, prompts, answers, pad_left=False)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+        a_len = max(len(a) for a in answers)
+        # Row i's answer token j is predicted at position prompt_lens[i] - 1 + j.
+        index = torch.tensor(prompt_lens).unsqueeze(1) - 1 + torch.arange(a_len).unsqueeze(0)
+        index = index.clamp(max=logits.shape[1] - 1).to(logits.device)
+        return torch.gather(logits, 1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+
+    def _shared_prefix_logits(
+        self,
+        visual: torch.Tensor | None,
+        prompts: list[list[int]],
+        answers: list[list[int]],
+        group_sizes: list[int],
+    ) -> torch.Tensor:
+        """Logits [B, A, V] that predict each answer's tokens, each group's prompt run once.
+
+        Two LM passes: the P prompts (right-padded, keeping the keys and values of every layer and
+        the logits at each prompt's last position, which predict the first answer token); then the
+        B answers, each on a copy of its group's keys and values (``repeat_interleave``: copies in
+        the autograd graph, so every answer's gradient reaches the prompt's LoRA activations as in
+        the full-sequence pass), at positions that continue its prompt. The prompt's LM work falls
+        from B to P rows; the answers' attention still reads the whole prompt.
+        """
+        if len(group_sizes) != len(prompts) or sum(group_sizes) != len(answers):
+            raise ValueError(
+                f"group_sizes {group_sizes} must give one size per prompt ({len(prompts)}) and add "
+                f"up to the answers ({len(answers)})"
+            )
+        device = self.device
+        embeds, mask, prompt_lens = self._splice(visual, prompts, None, pad_left=False)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        last = torch.tensor(prompt_lens, device=device) - 1
+        keep = torch.unique(last)  # the logits of these positions only (logits_to_keep)
+        out = self.lm(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=keep,
+        )
+        sizes = torch.tensor(group_sizes, device=device)
+        first = out.logits[torch.arange(len(prompts), device=device), torch.searchsorted(keep, last)]
+        first = first.repeat_interleave(sizes, dim=0).unsqueeze(1)  # [B, 1, V]
+        a_len = max(len(a) for a in answers)
+        if a_len == 1:
+            return first
+        # The answers' tokens but the last of each: token j predicts token j + 1.
+        inputs = [a[: a_len - 1] for a in answers]
+        flat = torch.tensor([t for ids in inputs for t in ids], dtype=torch.long, device=device)
+        embedded = self.lm.get_input_embeddings()(flat).split([len(ids) for ids in inputs])
+        answer_embeds = embeds.new_zeros(len(answers), a_len - 1, embeds.shape[-1])
+        answer_mask = torch.zeros(len(answers), a_len - 1, dtype=torch.long, device=device)
+        for i, row in enumerate(embedded):
+            answer_embeds[i, : row.shape[0]], answer_mask[i, : row.shape[0]] = row, 1
+        cache = DynamicCache(
+            [
+                (layer.keys.repeat_interleave(sizes, dim=0), layer.values.repeat_interleave(sizes, dim=0))
+                for layer in out.past_key_values.layers
+            ]
+        )
+        answer_positions = torch.tensor(prompt_lens, device=device).repeat_interleave(sizes).unsqueeze(1)
+        answer_positions = answer_positions + torch.arange(a_len - 1, device=device).unsqueeze(0)
+        logits = self.lm(
+            inputs_embeds=answer_embeds,
+            attention_mask=torch.cat([mask.repeat_interleave(sizes, dim=0), answer_mask], dim=1),
+            position_ids=answer_positions,
+            past_key_values=cache,
+            use_cache=True,
+        ).logits
+        return torch.cat([first, logits], dim=1)
 
     def forward(
         self,
@@ -504,10 +584,17 @@ class VideoLMPolicy(VideoInputs):
         temperature: float = 1.0,
         with_entropy: bool = False,
         features: torch.Tensor | None = None,
+        group_sizes: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The training forward (what a DeepSpeed engine calls): :meth:`answer_logprobs` of the policy."""
         return self.answer_logprobs(
-            pixels, prompts, answers, temperature=temperature, with_entropy=with_entropy, features=features
+            pixels,
+            prompts,
+            answers,
+            temperature=temperature,
+            with_entropy=with_entropy,
+            features=features,
+            group_sizes=group_sizes,
         )
 
     @contextlib.contextmanager
@@ -540,10 +627,23 @@ class VideoLMPolicy(VideoInputs):
         ``pixels`` holds the videos of the prompts that have a placeholder, in order (None: none has).
         """
         visual = self.encode_video(pixels)
-        if visual is not None:
-            visual = visual.repeat_interleave(group_size, dim=0)
-        prompts = [p for p in prompts for _ in range(group_size)]
         embeds, mask, _ = self._splice(visual, prompts, None, pad_left=True)
+        # Each prompt is prefilled once, all but its last position (generate runs that one, for
+        # every answer): the answers then sample from copies of its keys and values.
+        prefill = self.lm(
+            inputs_embeds=embeds[:, :-1],
+            attention_mask=mask[:, :-1],
+            position_ids=(mask[:, :-1].cumsum(-1) - 1).clamp(min=0),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = DynamicCache(
+            [
+                (layer.keys.repeat_interleave(group_size, dim=0), layer.values.repeat_interleave(group_size, dim=0))
+                for layer in prefill.past_key_values.layers
+            ]
+        )
+        embeds, mask = embeds.repeat_interleave(group_size, dim=0), mask.repeat_interleave(group_size, dim=0)
         eos = self.tokenizer.eos_token_id
         gen_kwargs: dict[str, Any] = (
             {"do_sample": False}
@@ -553,6 +653,7 @@ class VideoLMPolicy(VideoInputs):
         out = self.lm.generate(
             inputs_embeds=embeds,
             attention_mask=mask,
+            past_key_values=cache,
             max_new_tokens=max_new_tokens,
             eos_token_id=eos,
             pad_token_id=self.tokenizer.pad_token_id,
