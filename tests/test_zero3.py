@@ -10,7 +10,6 @@ second update on and waited for each other for ever (issue 18)."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import ray

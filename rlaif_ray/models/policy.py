@@ -639,7 +639,10 @@ class VideoLMPolicy(VideoInputs):
         )
         cache = DynamicCache(
             [
-                (layer.keys.repeat_interleave(group_size, dim=0), layer.values.repeat_interleave(group_size, dim=0))
+                (
+                    layer.keys.repeat_interleave(group_size, dim=0),
+                    layer.values.repeat_interleave(group_size, dim=0),
+                )
                 for layer in prefill.past_key_values.layers
             ]
         )
