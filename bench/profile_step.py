@@ -13,7 +13,8 @@ ZeRO-2, gloo) takes the GRPO_rank step, and the new weights go back to the rollo
 (``export_weights`` -> ``update_weights``, no object store). Stages, timed separately:
 
 * ``decode``: every video of the batch decoded (decord) into a fresh frame store of the rollout
-  worker and of the learner, as on a data set too large for the stores to hold (with the tiny
+  worker (and of the learner with ``learner.reencode_videos=true``; by default the learner takes
+  the rollout's encoder output and decodes nothing), as on a data set too large for the stores to hold (with the tiny
   default's 400 videos they hold every one after a few steps: subtract this stage for that case);
 * ``sample``: ``RolloutWorker.rollout`` (frozen encoder, projector, ``generate``);
 * ``rank``: ``RankerWorker.rank_groups``;
@@ -103,11 +104,13 @@ def step(w: Workers, examples: list[VideoQAExample], number: int) -> dict[str, f
     times: dict[str, float] = {"load_avg": os.getloadavg()[0]}
     cpu = time.process_time()
     t = time.perf_counter()
-    # Empty frame stores: every video of the batch is decoded in this step.
+    # Empty frame stores: every video of the batch is decoded in this step, by the rollout worker
+    # and, when it encodes the videos itself (learner.reencode_videos), by the learner.
     w.rollout.store, w.learner.store = fresh_store(w.rollout.store), fresh_store(w.learner.store)
     for ex in examples:
         w.rollout.store.for_example(ex.video)
-        w.learner.store.for_example(ex.video)
+        if w.cfg.learner.reencode_videos:
+            w.learner.store.for_example(ex.video)
     times["decode"] = time.perf_counter() - t
     t = time.perf_counter()
     groups = w.rollout.rollout(examples, number)

@@ -263,6 +263,12 @@ class LearnerConfig:
     # prompt is long. false: every answer its own full sequence (for a model whose forward does
     # not take a key-value cache, and for comparison). Groups are never split between learners.
     shared_prefix: bool = True
+    # false (the default): each group brings the frozen encoder's output for its video from the
+    # rollout actor that encoded it, and the learner neither decodes nor encodes the video (an
+    # [N, D] tensor per group: 40 x 64 floats here, 626 x 1024 bf16 = 1.3 MB at the paper's
+    # setting; docs/BENCHMARKS.md). true: the rollout sends none and the learner decodes and
+    # encodes every video again (the video path must then be readable where the learner runs).
+    reencode_videos: bool = False
     backend: Literal["gloo", "nccl"] = "gloo"
     # ZeRO-3 keeps parameters smaller than this whole on every rank (DeepSpeed's
     # stage3_param_persistence_threshold, for SFT too); 0 partitions every parameter.

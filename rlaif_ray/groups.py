@@ -1,12 +1,14 @@
 """The plain record that flows between stages: one prompt and its group of sampled answers.
 
 A ``Group`` is created by a rollout actor, ranked by a ranker actor and consumed by the learner.
-It holds only plain Python data so that it crosses Ray actors, queues and JSON unchanged.
+It holds plain Python data, and the frozen encoder's output for its video (a CPU tensor, which the
+ranker pool leaves behind when it sends the group to a ranker actor).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -38,6 +40,10 @@ class Group:
     rank_status: str = "pending"
     rank_attempts: int = 0
     rank_s: float = 0.0
+    # The frozen encoder's output for ``video`` [N, D] (before the projector), from the rollout
+    # actor that sampled the group: the learner projects it instead of decoding and encoding the
+    # video again (None: text-only, or ``learner.reencode_videos``).
+    visual_features: Any = None
 
     @property
     def size(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -111,12 +112,13 @@ def test_two_learners_take_the_same_step_as_one(small_config: Config, zero_stage
 
 def sequence_logprobs(learner: LearnerWorker, groups: list) -> torch.Tensor:
     """Summed token log-probs [n_groups, G] of every sampled answer under the learner's policy."""
-    rows = [(g.video, g.question, ids) for g in groups for ids in g.completion_ids]
+    rows, _ = build_rows(groups, learner.cfg)
+    assert len(rows) == sum(g.size for g in groups)
     with torch.no_grad():
-        features = learner._visual_features([video for video, _, _ in rows])
-        prompts = [learner.policy.prompt_ids(question) for _, question, _ in rows]
+        features = learner._visual_features(rows)
+        prompts = [learner.policy.prompt_ids(r.question) for r in rows]
         logprobs, mask, _ = learner.policy.answer_logprobs(
-            None, prompts, [ids for *_, ids in rows], features=features
+            None, prompts, [r.completion_ids for r in rows], features=features
         )
     return (logprobs * mask).sum(-1).view(len(groups), -1)
 
@@ -173,3 +175,39 @@ def test_learner_scores_without_dropout(small_config: Config) -> None:
     assert stats["rows"] == 4 * cfg.rl.group_size
     assert stats["ratio_max"] == pytest.approx(1.0, abs=1e-5)
     assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_the_learner_takes_the_rollouts_encoder_output_instead_of_decoding(
+    small_config: Config, tmp_path: Path
+) -> None:
+    """Groups bring their video's frozen-encoder output from the rollout: the learner trains on
+    them without decoding (their video paths no longer exist here), and takes the step that
+    decoding and encoding the videos itself (``learner.reencode_videos``) gives."""
+    cfg = small_config
+    cfg.rl.prompts_per_step, cfg.rl.group_size = 4, 4
+    cfg.learner.lr = 1e-2
+    examples = load_jsonl(cfg.data.train)[: cfg.rl.prompts_per_step]
+    groups = RolloutWorker(cfg, cfg.model.path).rollout(examples, step=1)
+    for g in groups:
+        assert g.visual_features is not None and g.visual_features.dim() == 2
+        g.ranks, g.rank_status = [float(r) for r in range(g.size)], "ok"
+    gone = [dataclasses.replace(g, video=str(tmp_path / f"gone-{i}.mp4")) for i, g in enumerate(groups)]
+    learner = LearnerWorker(cfg, cfg.model.path)
+    learner.setup()
+    shipped = learner.train_step(gone)
+    assert shipped["rows"] == 16 and shipped["rows_bad_video"] == 0 and shipped["version"] == 1.0
+    assert learner.store.skipped_videos == 0 and not learner.store._frames, "the learner decoded a video"
+    from_rollout = learner.export_weights()
+
+    cfg.learner.reencode_videos = True
+    reencoded_groups = RolloutWorker(cfg, cfg.model.path).rollout(examples, step=1)
+    assert all(g.visual_features is None for g in reencoded_groups)  # the rollout sends none
+    for g in reencoded_groups:
+        g.ranks, g.rank_status = [float(r) for r in range(g.size)], "ok"
+    learner = LearnerWorker(cfg, cfg.model.path)
+    learner.setup()
+    reencoded = learner.train_step(reencoded_groups)
+    assert len(learner.store._frames) == len({g.video for g in groups})  # decoded here, once each
+    assert reencoded["loss"] == pytest.approx(shipped["loss"], abs=1e-6)
+    for key, value in learner.export_weights().items():
+        torch.testing.assert_close(value, from_rollout[key], rtol=0, atol=1e-2 * cfg.learner.lr, msg=key)

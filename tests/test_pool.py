@@ -115,6 +115,24 @@ def test_dead_ranker_is_replaced_and_no_group_lost(local_ray, cfg: Config) -> No
     assert stats["restarts"] == 1 and stats["groups"] == stats["ok"] == 3 and stats["fallbacks"] == 0
 
 
+def test_encoder_features_stay_with_the_driver_and_come_back_with_the_groups(
+    local_ray, cfg: Config
+) -> None:
+    """A group's ``visual_features`` (for the learner) are not sent to the ranker actors: here
+    they are locks, which Ray cannot serialise, so sending them would fail. The ranked groups
+    come back with the very same objects."""
+    pool = RankerPool(cfg)
+    groups = [make_group(i) for i in range(5)]
+    features = [threading.Lock() for _ in groups]
+    for group, feature in zip(groups, features, strict=True):
+        group.visual_features = feature
+    ranked = pool.rank(groups)
+    assert all(g.rank_status == "ok" for g in ranked)
+    assert all(g.visual_features is f for g, f in zip(ranked, features, strict=True))
+    for name in list(pool.actors):
+        ray.kill(pool.actors[name])
+
+
 def test_a_group_without_reference_is_counted_not_tied(local_ray, cfg: Config) -> None:
     """The ground-truth oracle cannot rank a group nobody labelled: it comes back unranked (the loop
     drops it as unranked) and counted as no_reference in the pool's stats, never tied."""

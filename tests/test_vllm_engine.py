@@ -116,6 +116,14 @@ def test_sampled_logprobs_equal_the_learners(engines, colour_examples, colour_ch
         assert mask[i].sum().item() == len(row)
         diff = (logprobs[i, : len(row)] - torch.tensor(row)).abs().max().item()
         assert diff <= 1e-4, (i, diff)
+    # Each prompt's frozen-encoder output comes with the samples (what the learner then uses).
+    assert len(samples.visual_features) == 8
+    torch.testing.assert_close(torch.stack(samples.visual_features), features[::group], rtol=0, atol=1e-5)
+
+
+def test_prefix_caching_is_on(engines) -> None:
+    engine, _, _ = engines
+    assert engine.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching is True
 
 
 def test_new_versions_are_served_and_old_adapters_evicted(engines, colour_examples) -> None:

@@ -58,6 +58,8 @@ class TrainRow:
     advantage: float
     weight_version: int = 0
     group_id: str = ""  # the rows of one group follow one another and share its prompt
+    # The frozen encoder's output for ``video`` from the rollout (Group.visual_features), if sent.
+    visual_features: Any = None
 
 
 def group_advantages(groups: list[Group], cfg: Config) -> list[list[float]]:
@@ -102,7 +104,16 @@ def build_rows(groups: list[Group], cfg: Config) -> tuple[list[TrainRow], dict[s
             continue
         for ids, logp, a in zip(group.completion_ids, group.logprobs, adv, strict=True):
             rows.append(
-                TrainRow(group.video, group.question, ids, logp, a, group.weight_version, group.group_id)
+                TrainRow(
+                    group.video,
+                    group.question,
+                    ids,
+                    logp,
+                    a,
+                    group.weight_version,
+                    group.group_id,
+                    group.visual_features,
+                )
             )
     flat = [a for adv in advantages for a in adv]
     stats = {
@@ -152,6 +163,7 @@ class LearnerWorker:
         self.world_size = world_size
         self.version = 0
         self.batch_has_video = False  # whether any row of the current update has a video
+        self.batch_encodes = False  # whether any row of it has a video to encode here
 
     @staticmethod
     def address() -> tuple[str, int]:
@@ -176,6 +188,9 @@ class LearnerWorker:
         self.store = FrameStore(
             cfg.model.num_frames, self.policy.image_size, max_pixels=cfg.data.max_video_pixels
         )
+        # The stand-in features of a share without video (see _visual_features), encoded before
+        # DeepSpeed partitions the encoder, so that no pass has to run it for them.
+        self.blank_features = self.policy.visual_features(self.policy.preprocess(self.blank_clip())[None])
         self.engine = build_engine(
             self.policy,
             lr=lc.lr,
@@ -215,14 +230,16 @@ class LearnerWorker:
         start = time.time()
         self.engine.eval()
         rows, stats = build_rows(groups, self.cfg)
-        # Rows whose video cannot be used here are dropped and counted (the store warns once per
-        # video and counts it by reason).
-        usable = [r for r in rows if self.store.for_example(r.video)[0]]
+        # Rows whose video the learner must decode but cannot are dropped and counted (the store
+        # warns once per video and counts it by reason); rows that bring their encoder features
+        # need no decoding here.
+        usable = [r for r in rows if r.visual_features is not None or self.store.for_example(r.video)[0]]
         stats["rows_bad_video"] = float(len(rows) - len(usable))
         stats["skipped_videos"] = float(self.store.skipped_videos)
         stats.update({f"skipped_videos_{k}": float(n) for k, n in self.store.skipped_by_reason.items()})
         rows = usable
         self.batch_has_video = any(r.video is not None for r in rows)
+        self.batch_encodes = any(r.video is not None and r.visual_features is None for r in rows)
         stats["rows"] = float(len(rows))
         # Whole groups go to each learner and micro-batch: a group's answers share its prompt.
         groups_of_rows = split_groups(rows)
@@ -289,7 +306,7 @@ class LearnerWorker:
         return {
             "prompts": [self.policy.prompt_ids(r.question, video=r.video is not None) for r in heads],
             "answers": [r.completion_ids for r in rows],
-            "features": self._visual_features([r.video for r in heads]),
+            "features": self._visual_features(heads),
             "group_sizes": [len(group) for group in groups] if self.cfg.learner.shared_prefix else None,
             "temperature": self.cfg.rollout.temperature,
         }
@@ -341,31 +358,38 @@ class LearnerWorker:
         self.engine.backward(loss * scale)
         return stats
 
-    def _visual_features(self, videos: list[str | None]) -> torch.Tensor | None:
-        """Frozen encoder features of each row's video (rows without one, text-only, take none),
-        encoding every distinct video once; None when no row of the whole update has a video.
+    def _visual_features(self, rows: list[TrainRow]) -> torch.Tensor | None:
+        """Frozen encoder features [V, N, D] of the rows that have a video, in order (text-only rows
+        take none); None when no row of the whole update has a video.
 
-        The G answers of a group share one video, and the reference pass reuses these features.
-        A share with no video in an update that has some gets the features of blank frames, which
-        no prompt takes (see ``VideoLMPolicy._splice``).
+        A row brings its video's features from the rollout actor that encoded it
+        (:attr:`TrainRow.visual_features`); only the videos that came without them
+        (``learner.reencode_videos``) are decoded and encoded here, each distinct video once. The
+        reference pass reuses what this returns.
+
+        Every rank runs the same modules in every pass, as ZeRO-3's collective parameter fetches
+        require: the encoder runs on every rank when any row of the update needs it (on blank
+        frames where a rank's share needs none), and a share with no video in an update that has
+        some gets :attr:`blank_features`, which no prompt takes (``VideoLMPolicy._splice`` runs the
+        projector on them with weight zero).
         """
-        videos = [v for v in videos if v is not None]
-        if not videos and not self.batch_has_video:
+        with_video = [r for r in rows if r.video is not None]
+        if not with_video and not self.batch_has_video:
             return None
-        distinct = list(dict.fromkeys(videos))
-        clips = [self.store.get(v) for v in distinct]
-        if not clips:
-            # A share of text-only rows in a batch that has videos: the encoder and the projector
-            # still run (on blank frames, whose features no prompt takes), so that every rank runs
-            # the same modules in every pass, as ZeRO-3's collective parameter fetches require.
-            size = self.policy.image_size
-            clips = [np.zeros((self.cfg.model.num_frames, size, size, 3), dtype=np.uint8)]
-        pixels = torch.stack([self.policy.preprocess(clip) for clip in clips])
-        features = self.policy.visual_features(pixels)
-        if not videos:
-            return features
-        where = {v: i for i, v in enumerate(distinct)}
-        return features[torch.tensor([where[v] for v in videos], device=features.device)]
+        features = {r.video: r.visual_features for r in with_video if r.visual_features is not None}
+        missing = list(dict.fromkeys(r.video for r in with_video if r.video not in features))
+        if missing or self.batch_encodes:
+            clips = [self.store.get(v) for v in missing] or [self.blank_clip()]
+            encoded = self.policy.visual_features(torch.stack([self.policy.preprocess(c) for c in clips]))
+            features.update(zip(missing, encoded.unbind(0), strict=False))
+        if not with_video:
+            return self.blank_features.to(self.policy.device)
+        return torch.stack([features[r.video].to(self.policy.device) for r in with_video])
+
+    def blank_clip(self) -> np.ndarray:
+        """``model.num_frames`` black frames at the encoder's size."""
+        size = self.policy.image_size
+        return np.zeros((self.cfg.model.num_frames, size, size, 3), dtype=np.uint8)
 
     def export_weights(self) -> dict[str, torch.Tensor] | None:
         """The trainable tensors (LoRA + projector) on rank 0, None on the other ranks.

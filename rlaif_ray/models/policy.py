@@ -115,6 +115,8 @@ class Samples:
     token_ids: list[list[int]]
     logprobs: list[list[float]]
     texts: list[str]
+    # Per prompt, the frozen encoder's output for its video [N, D] on the CPU (None: text-only).
+    visual_features: list[torch.Tensor | None] | None = None
 
 
 def spatio_temporal_pool(tokens: torch.Tensor) -> torch.Tensor:
@@ -621,12 +623,14 @@ class VideoLMPolicy(VideoInputs):
         top_p: float,
         max_new_tokens: int,
         greedy: bool = False,
+        features: torch.Tensor | None = None,
     ) -> Samples:
         """Sample ``group_size`` answers per prompt; log-probs are under softmax(logits / temperature).
 
-        ``pixels`` holds the videos of the prompts that have a placeholder, in order (None: none has).
+        ``pixels`` (or their ``features``, :meth:`visual_features`) hold the videos of the prompts
+        that have a placeholder, in order (None: none has).
         """
-        visual = self.encode_video(pixels)
+        visual = self.encode_video(pixels, features=features)
         embeds, mask, _ = self._splice(visual, prompts, None, pad_left=True)
         # Each prompt is prefilled once, all but its last position (generate runs that one, for
         # every answer): the answers then sample from copies of its keys and values.
@@ -690,10 +694,23 @@ class VideoLMPolicy(VideoInputs):
         max_new_tokens: int,
         greedy: bool = False,
     ) -> Samples:
-        """:meth:`sample` from decoded uint8 frames (None for a text-only question) and question texts."""
+        """:meth:`sample` from decoded uint8 frames (None for a text-only question) and question
+        texts; the samples carry each prompt's frozen-encoder features."""
         pixels = self.pixels(frames)
+        features = None if pixels is None else self.visual_features(pixels)
         prompts = [self.prompt_ids(q, video=f is not None) for f, q in zip(frames, questions, strict=True)]
-        return self.sample(pixels, prompts, group_size, temperature, top_p, max_new_tokens, greedy=greedy)
+        samples = self.sample(
+            None, prompts, group_size, temperature, top_p, max_new_tokens, greedy=greedy, features=features
+        )
+        samples.visual_features = per_prompt(frames, features)
+        return samples
+
+
+def per_prompt(frames: list[Any], features: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """``features`` [V, N, D] of the prompts that have a video, one CPU tensor per prompt in the
+    order of ``frames`` (None where a prompt's frames are None: text-only)."""
+    rows = iter([] if features is None else features.detach().cpu().unbind(0))
+    return [None if f is None else next(rows) for f in frames]
 
 
 def _flatten_default_adapter_dir(adapter_dir: Path) -> None:

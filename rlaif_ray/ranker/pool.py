@@ -28,6 +28,7 @@ actors; ``launch`` writes them per step to ``metrics.jsonl`` and at the end to `
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -153,7 +154,9 @@ class RankerPool:
                 chunk = [self._queue.popleft() for _ in range(min(size, len(self._queue)))]
             else:
                 break
-            self._in_flight[actor.rank_chunk.remote(chunk)] = (name, chunk)
+            # The encoder features stay here (no backend reads them): collect() puts them back.
+            sent = [dataclasses.replace(g, visual_features=None) for g in chunk]
+            self._in_flight[actor.rank_chunk.remote(sent)] = (name, chunk)
             self._idle_since.pop(name, None)
         self.telemetry.set("rlaif_ranker_queue_depth", self.backlog)
         self.telemetry.set("rlaif_ranker_pool_size", self.size)
@@ -174,8 +177,10 @@ class RankerPool:
                 raise RuntimeError(f"ranker actor {name} could not start its backend: {exc}") from exc
             ranked, counts = self._replace(name, chunk, exc), {}
         else:
+            features = {g.group_id: g.visual_features for g in chunk}
             for group in ranked:
                 self._deaths.pop(group.group_id, None)
+                group.visual_features = features[group.group_id]
         errors = counts.pop("errors", {})
         self.counts.update(counts)
         self.errors.update(errors)

@@ -17,7 +17,7 @@ model folder's ``adapter/`` when present (served like any later version), else t
 
 vLLM API relied on (vLLM 0.32 CPU build, tested here; 0.33 GPU build):
 - ``LLM(model, dtype, seed, enable_lora, max_lora_rank, max_loras, max_cpu_loras,
-  lora_target_modules, enable_prompt_embeds, logprobs_mode, gpu_memory_utilization,
+  lora_target_modules, enable_prompt_embeds, enable_prefix_caching, logprobs_mode, gpu_memory_utilization,
   tensor_parallel_size, enforce_eager)``; ``max_lora_rank`` must be one of ``VLLM_LORA_RANKS``.
 - ``SamplingParams(n, temperature, top_p, max_tokens, logprobs=0, stop_token_ids, detokenize)``:
   ``logprobs=0`` returns the sampled token's log-prob only; stop tokens stay in ``token_ids``.
@@ -59,6 +59,7 @@ from rlaif_ray.models.policy import (
     Samples,
     VideoInputs,
     build_projector,
+    per_prompt,
     read_policy_spec,
 )
 from rlaif_ray.rollout.engine import RolloutEngine, torch_device
@@ -147,6 +148,8 @@ class VLLMEngine(RolloutEngine):
             max_cpu_loras=self.max_loras,
             lora_target_modules=sorted(lora_config.target_modules),
             enable_prompt_embeds=True,
+            # A group's G samples (n = G) and repeated prompts reuse the prompt's cached blocks.
+            enable_prefix_caching=True,
             logprobs_mode="processed_logprobs",
             gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
             tensor_parallel_size=cfg.rollout.vllm_tensor_parallel_size,
@@ -213,8 +216,8 @@ class VLLMEngine(RolloutEngine):
         return torch.cat([self.embed[ids_t[:cut]], visual, self.embed[ids_t[cut + 1 :]]])
 
     @torch.no_grad()
-    def _visual_tokens(self, frames: list[np.ndarray]) -> list[torch.Tensor]:
-        """Projected visual tokens [N, H] per video, the encoder fed at most ENCODER_FRAMES_PER_CALL frames at a time."""
+    def _visual_features(self, frames: list[np.ndarray]) -> list[torch.Tensor]:
+        """The frozen encoder's output [N, D] per video, fed at most ENCODER_FRAMES_PER_CALL frames at a time."""
         out: list[torch.Tensor] = []
         if not frames:
             return out
@@ -224,14 +227,15 @@ class VLLMEngine(RolloutEngine):
             pixels = torch.stack(
                 [self.inputs.preprocess(torch.as_tensor(f).to(self.device)) for f in batch]
             ).to(self.dtype)
-            out.extend(self.projector(self.inputs.visual_features(pixels)).unbind(0))
+            out.extend(self.inputs.visual_features(pixels).unbind(0))
         return out
 
     @torch.no_grad()
     def sample(
         self, frames: list[np.ndarray | None], questions: list[str], group_size: int, greedy: bool = False
     ) -> Samples:
-        visual = iter(self._visual_tokens([f for f in frames if f is not None]))
+        features = self._visual_features([f for f in frames if f is not None])
+        visual = iter(self.projector(torch.stack(features)).unbind(0) if features else [])
         # CPU tensors, as in vLLM's prompt-embeds examples: requests travel to its engine-core process.
         prompts = [
             {
@@ -252,7 +256,12 @@ class VLLMEngine(RolloutEngine):
             detokenize=False,
         )
         outputs = self.llm.generate(prompts, params, lora_request=self.lora_request, use_tqdm=False)
-        samples = Samples(token_ids=[], logprobs=[], texts=[])
+        samples = Samples(
+            token_ids=[],
+            logprobs=[],
+            texts=[],
+            visual_features=per_prompt(frames, torch.stack(features) if features else None),
+        )
         for request in outputs:
             for completion in sorted(request.outputs, key=lambda c: c.index):
                 ids = list(completion.token_ids)

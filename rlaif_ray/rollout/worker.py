@@ -89,6 +89,9 @@ class RolloutWorker:
                     logprobs=samples.logprobs[rows],
                     weight_version=self.engine.version,
                     rollout_s=elapsed / len(usable),
+                    visual_features=None
+                    if self.cfg.learner.reencode_videos or samples.visual_features is None
+                    else samples.visual_features[i],
                 )
             )
         self.groups_sampled += len(groups)
