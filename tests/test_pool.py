@@ -115,9 +115,7 @@ def test_dead_ranker_is_replaced_and_no_group_lost(local_ray, cfg: Config) -> No
     assert stats["restarts"] == 1 and stats["groups"] == stats["ok"] == 3 and stats["fallbacks"] == 0
 
 
-def test_encoder_features_stay_with_the_driver_and_come_back_with_the_groups(
-    local_ray, cfg: Config
-) -> None:
+def test_encoder_features_stay_with_the_driver_and_come_back_with_the_groups(local_ray, cfg: Config) -> None:
     """A group's ``visual_features`` (for the learner) are not sent to the ranker actors: here
     they are locks, which Ray cannot serialise, so sending them would fail. The ranked groups
     come back with the very same objects."""
