@@ -190,6 +190,9 @@ def test_the_learner_takes_the_rollouts_encoder_output_instead_of_decoding(
     groups = RolloutWorker(cfg, cfg.model.path).rollout(examples, step=1)
     for g in groups:
         assert g.visual_features is not None and g.visual_features.dim() == 2
+        # its own storage, not a view of the batch's (pickled alone, a view carries the whole batch)
+        features = g.visual_features
+        assert features.untyped_storage().nbytes() == features.numel() * features.element_size()
         g.ranks, g.rank_status = [float(r) for r in range(g.size)], "ok"
     gone = [dataclasses.replace(g, video=str(tmp_path / f"gone-{i}.mp4")) for i, g in enumerate(groups)]
     learner = LearnerWorker(cfg, cfg.model.path)

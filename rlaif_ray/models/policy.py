@@ -708,8 +708,9 @@ class VideoLMPolicy(VideoInputs):
 
 def per_prompt(frames: list[Any], features: torch.Tensor | None) -> list[torch.Tensor | None]:
     """``features`` [V, N, D] of the prompts that have a video, one CPU tensor per prompt in the
-    order of ``frames`` (None where a prompt's frames are None: text-only)."""
-    rows = iter([] if features is None else features.detach().cpu().unbind(0))
+    order of ``frames`` (None where a prompt's frames are None: text-only). Each is a copy, not a
+    view: pickled alone (a group sent to the learner), a view would carry the whole batch."""
+    rows = iter([] if features is None else [row.clone() for row in features.detach().cpu().unbind(0)])
     return [None if f is None else next(rows) for f in frames]
 
 
