@@ -1,7 +1,7 @@
 """Learning comparisons under one protocol: arms (task x method x seed), val to choose, test to report.
 
-    python bench/learning.py [--tasks default graded converged] [--methods start dcg score sft]
-        [--seeds 0 1 2] [--minutes 10] [--name learning] [--report-only] [key=value ...]
+    python bench/learning.py [--tasks default graded converged rlaif] [--methods start dcg score sft]
+        [--seeds 0 1 2] [--minutes 10] [--data-seed 0] [--name learning] [--report-only] [key=value ...]
 
 Every RL arm is one run of the whole Ray pipeline (``rlaif_ray.launch.run``) from the task's SFT
 warm start (trained once per task, shared by the seeds: its fingerprint leaves the seed out), for
@@ -23,9 +23,16 @@ its own warm start:
 * ``default``: the built-in task (colour, shape, direction, count; one-word answers), 1000 videos;
 * ``graded``: ``describe`` questions only ("red circle up", judged part by part), 4000 videos;
 * ``converged``: the default task's data with a long SFT (``sft.keep_best``: the evaluation with the
-  best val accuracy is the warm start), to ask whether RL adds anything to a converged SFT.
+  best val accuracy is the warm start), to ask whether RL adds anything to a converged SFT;
+* ``rlaif``: RLAIF: the default task, 1000 videos, answers kept for a fifth of the training
+  videos only (``data.synthetic_label_fraction=0.2``); the warm start is SFT on those; the Oracle
+  is the video judge (``ranker.backend=video_judge``, built by ``rlaif_ray.prepare`` on 400 videos
+  of its own seed, never the policy's). ``--data-seed S`` makes all of it afresh for seed S, each
+  in its own folder (data, label split, judge, warm start): the comparison repeated on data nobody
+  tuned on. Its arms are named ``rlaif-dS``.
 
-Methods (the ground-truth oracle's orderings or scores in every RL case):
+Methods (the ground-truth oracle's orderings or scores in every RL case but ``rlaif``'s, where the
+video judge's):
 
 * ``start``: the warm start itself, evaluated (no training; greedy evaluation has no seed, so one
   arm, whatever ``--seeds`` says);
@@ -35,7 +42,15 @@ Methods (the ground-truth oracle's orderings or scores in every RL case):
 * ``score``: plain GRPO on binary correctness;
 * ``score_parts``: plain GRPO on part accuracy (a graded scalar reward);
 * ``sft``: more SFT from the warm start on the same training questions, for the same minutes of
-  training time (``sft.init_from``, ``sft.time_limit_s``), evaluated on val about as often as RL.
+  training time (``sft.init_from``, ``sft.time_limit_s``), evaluated on val about as often as RL
+  (on ``rlaif``: the labelled lines only);
+* ``distill`` (``rlaif``): the same, on the labelled lines plus the judge's greedy answers to every
+  line nobody labelled (``python -m rlaif_ray.prepare distill``): the strong baseline for RL from
+  the judge's rankings;
+* ``judge`` (``rlaif``): the judge itself, evaluated on the same test questions (one arm).
+
+On ``rlaif`` the report adds the targets, each a paired difference over the seeds on test:
+``dcg - sft >= +0.05``, ``dcg >= distill``, ``dcg >= score`` and ``dcg`` above its judge.
 """
 
 from __future__ import annotations
@@ -67,7 +82,10 @@ METHODS: dict[str, list[str]] = {
     "score": ["algo.advantage=score", "ranker.score=binary"],
     "score_parts": ["algo.advantage=score", "ranker.score=parts"],
     "sft": [],  # not an RL run: see run_sft_arm
+    "distill": [],  # rlaif only: run_sft_arm on the judge-labelled lines
+    "judge": [],  # rlaif only: run_judge_arm
 }
+RLAIF_ONLY = ("distill", "judge")
 # SFT steps between val evaluations in an `sft` arm: ~34 s, as RL's 20 steps of ~1.7 s.
 SFT_EVAL_EVERY = 200
 
@@ -86,7 +104,7 @@ def task_data(folder: str, videos: int, *extra: str) -> list[str]:
     ]
 
 
-TASKS: dict[str, list[str]] = {
+TASKS: dict[str, list[str]] = {  # and "rlaif", whose overrides depend on --data-seed: rlaif_task
     "default": [*task_data("bench_default", 1000), "sft.output_dir=checkpoints/sft_bench_default"],
     "graded": [
         *task_data("bench_graded", 4000, "data.synthetic_question_types=[describe]"),
@@ -102,16 +120,42 @@ TASKS: dict[str, list[str]] = {
 }
 
 
-def arm_overrides(task: str, method: str, seed: int, minutes: float, name: str) -> list[str]:
+def rlaif_task(data_seed: int) -> list[str]:
+    """Overrides of the ``rlaif`` task for data seed ``data_seed``: its data, label split, judge
+    (data from seed ``1000 + data_seed``) and warm start, each in a folder of its own."""
+    suffix = f"rlaif_d{data_seed}"
+    return [
+        *task_data(f"bench_{suffix}", 1000, f"data.synthetic_seed={data_seed}"),
+        "data.synthetic_label_fraction=0.2",
+        f"sft.output_dir=checkpoints/sft_bench_{suffix}",
+        "ranker.backend=video_judge",
+        f"ranker.judge_path=checkpoints/judge_bench_{suffix}",
+        f"judge.data_dir=data/bench_{suffix}_judge",
+        f"judge.seed={1000 + data_seed}",
+    ]
+
+
+def task_overrides(task: str, data_seed: int) -> list[str]:
+    return rlaif_task(data_seed) if task == "rlaif" else TASKS[task]
+
+
+def task_label(task: str, data_seed: int) -> str:
+    """How an arm names its task: ``rlaif-dS`` for the rlaif task on data seed S."""
+    return f"rlaif-d{data_seed}" if task == "rlaif" else task
+
+
+def arm_overrides(
+    task: str, method: str, seed: int, minutes: float, name: str, data_seed: int = 0
+) -> list[str]:
     """The config overrides of one arm."""
     return [
-        *TASKS[task],
+        *task_overrides(task, data_seed),
         f"seed={seed}",
         "rl.steps=100000",
         f"rl.time_limit_s={minutes * 60}",
         "rl.eval_split=val",
         "rl.final_test=true",
-        f"run_dir=runs/bench_{name}/{task}-{method}-seed{seed}",
+        f"run_dir=runs/bench_{name}/{task_label(task, data_seed)}-{method}-seed{seed}",
         *METHODS[method],
     ]
 
@@ -126,15 +170,22 @@ def second_half_mean(evals: list[dict[str, Any]]) -> float:
 
 def loop_signal(run_dir: str | Path) -> dict[str, float]:
     """How much the RL updates had to learn from, from the run's ``metrics.jsonl``: the fraction of
-    groups skipped as all-tied (no ordering: every answer equal), and the second half's mean
-    sampled accuracy and KL to the warm start."""
+    groups skipped as all-tied (no ordering: every answer equal), the second half's mean sampled
+    accuracy, KL to the warm start and answer length, and the Oracle's top-1 agreement with the
+    reference over the run (groups with a reference and both right and wrong answers whose
+    best-ranked answers are all right; 1.0 for the ground truth)."""
     records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     later = records[len(records) // 2 :]
+    ranker = records[-1]["ranker"]
     return {
         "groups_tied_fraction": sum(r["learner"]["groups_skipped_tied"] for r in records)
         / max(1, sum(r["learner"]["groups"] for r in records)),
         "sampled_accuracy_second_half": statistics.mean(r["sampled_accuracy"] for r in later),
-        "kl_second_half": statistics.mean(r["learner"]["kl"] for r in later),
+        "kl_second_half": statistics.mean(r["learner"].get("kl", 0.0) for r in later),
+        "answer_tokens_second_half": statistics.mean(r["answer_tokens_mean"] for r in later),
+        "oracle_top1_agreement": ranker["top1_agrees"] / ranker["top1_checked"]
+        if ranker.get("top1_checked")
+        else float("nan"),
     }
 
 
@@ -186,11 +237,11 @@ def write_arm(path: Path, arm: dict[str, Any]) -> None:
 
 
 def run_arm(args: argparse.Namespace, task: str, method: str, seed: int, path: Path) -> None:
-    overrides = [*args.overrides, *arm_overrides(task, method, seed, args.minutes, args.name)]
+    overrides = [*args.overrides, *arm_overrides(task, method, seed, args.minutes, args.name, args.data_seed)]
     cfg = load_config(args.config, overrides)
     summary = run(cfg)
     record = arm_record(
-        task,
+        task_label(task, args.data_seed),
         method,
         seed,
         args.minutes,
@@ -204,10 +255,14 @@ def run_arm(args: argparse.Namespace, task: str, method: str, seed: int, path: P
     write_arm(path, record)
 
 
-def run_sft_arm(args: argparse.Namespace, task: str, seed: int, path: Path) -> None:
-    """More SFT from the task's warm start for ``--minutes`` of training time, then the test split."""
-    cfg = load_config(args.config, [*args.overrides, *TASKS[task]])
-    start = RESULTS / args.name / f"{task}-start-seed0.json"
+def run_sft_arm(args: argparse.Namespace, task: str, method: str, seed: int, path: Path) -> None:
+    """More SFT from the task's warm start for ``--minutes`` of training time, then the test split:
+    on the task's training lines (``sft``), or on them with the judge's answers where they had
+    none (``distill``, rlaif)."""
+    overrides = [*args.overrides, *task_overrides(task, args.data_seed)]
+    cfg = load_config(args.config, overrides)
+    label = task_label(task, args.data_seed)
+    start = RESULTS / args.name / f"{label}-start-seed0.json"
     if not start.exists():  # the warm start made (or reused) as an RL arm makes it, and evaluated
         run_arm(args, task, "start", 0, start)
     warm = finished_checkpoint(cfg.sft.output_dir)
@@ -217,10 +272,17 @@ def run_sft_arm(args: argparse.Namespace, task: str, seed: int, path: Path) -> N
             f"{cfg.sft.output_dir} is not this task's warm start ({'; '.join(differences)}): "
             f"remove it and {start}, then run the arm again"
         )
-    folder = Path(f"runs/bench_{args.name}/{task}-sft-seed{seed}")
+    train = []
+    if method == "distill":
+        distilled = Path(cfg.data.train).with_name("train_distill.jsonl")
+        if not distilled.is_file():
+            prepare = [sys.executable, "-m", "rlaif_ray.prepare", "distill", "--config", args.config]
+            subprocess.run([*prepare, "--out", str(distilled), *overrides], check=True, cwd=ROOT)
+        train = [f"data.train={distilled}"]
+    folder = Path(f"runs/bench_{args.name}/{label}-{method}-seed{seed}")
     overrides = [
-        *args.overrides,
-        *TASKS[task],
+        *overrides,
+        *train,
         f"seed={seed}",
         f"sft.init_from={cfg.sft.output_dir}",
         f"sft.output_dir={folder / 'sft'}",
@@ -234,24 +296,7 @@ def run_sft_arm(args: argparse.Namespace, task: str, seed: int, path: Path) -> N
     )
     state = finished_checkpoint(folder / "sft")
     assert state is not None, folder
-    test_file = folder / "test.json"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rlaif_ray.evaluate",
-            "--checkpoint",
-            str(folder / "sft"),
-            "--data",
-            cfg.data.test,
-            "--out",
-            str(test_file),
-        ],
-        check=True,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-    )
-    test = json.loads((ROOT / test_file).read_text())
+    test = evaluate_checkpoint(folder / "sft", cfg.data.test, folder / "test.json")
     start_step = warm.get("saved_step", warm["steps"])
     before = next(h for h in warm["history"] if h["step"] == start_step)
     evals = [{"step": 0, "accuracy": before["val_accuracy"]}] + [
@@ -260,7 +305,38 @@ def run_sft_arm(args: argparse.Namespace, task: str, seed: int, path: Path) -> N
     ]
     write_arm(
         path,
-        arm_record(task, "sft", seed, args.minutes, overrides, state["steps"], state["train_s"], evals, test),
+        arm_record(
+            label, method, seed, args.minutes, overrides, state["steps"], state["train_s"], evals, test
+        ),
+    )
+
+
+def evaluate_checkpoint(checkpoint: Path, data: str, out: Path) -> dict[str, Any]:
+    """``python -m rlaif_ray.evaluate`` of ``checkpoint`` on ``data`` (greedy exact match), kept in ``out``."""
+    subprocess.run(
+        [sys.executable, "-m", "rlaif_ray.evaluate", "--checkpoint", str(checkpoint), "--data", data]
+        + ["--out", str(out)],
+        check=True,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+    )
+    return json.loads((ROOT / out).read_text())
+
+
+def run_judge_arm(args: argparse.Namespace, task: str, path: Path) -> None:
+    """The rlaif task's judge (built when missing) evaluated like a policy: val, then test."""
+    overrides = [*args.overrides, *task_overrides(task, args.data_seed)]
+    cfg = load_config(args.config, overrides)
+    prepare = [sys.executable, "-m", "rlaif_ray.prepare", "judge", "--config", args.config]
+    subprocess.run([*prepare, *overrides], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    folder = Path(f"runs/bench_{args.name}/{task_label(task, args.data_seed)}-judge-seed0")
+    folder.mkdir(parents=True, exist_ok=True)
+    judge = Path(cfg.ranker.judge_path)
+    val = evaluate_checkpoint(judge, cfg.data.val, folder / "val.json")
+    test = evaluate_checkpoint(judge, cfg.data.test, folder / "test.json")
+    evals = [{"step": 0, "accuracy": val["accuracy"]}]
+    write_arm(
+        path, arm_record(task_label(task, args.data_seed), "judge", 0, 0.0, overrides, 0, 0.0, evals, test)
     )
 
 
@@ -289,8 +365,13 @@ def report(name: str) -> dict[str, Any]:
     for arm in arms:
         groups.setdefault((arm["task"], arm["method"]), []).append(arm)
     table = []
-    order = [(t, m) for t in TASKS for m in METHODS]
-    for (task, method), group in sorted(groups.items(), key=lambda item: order.index(item[0])):
+
+    def order(item: tuple[tuple[str, str], Any]) -> tuple[int, str, int]:
+        task, method = item[0]
+        known = list(TASKS).index(task) if task in TASKS else len(TASKS)
+        return known, task, list(METHODS).index(method)
+
+    for (task, method), group in sorted(groups.items(), key=order):
         table.append(
             {
                 "task": task,
@@ -309,7 +390,13 @@ def report(name: str) -> dict[str, Any]:
                 },
             }
         )
-        for key in ("groups_tied_fraction", "sampled_accuracy_second_half", "kl_second_half"):
+        for key in (
+            "groups_tied_fraction",
+            "sampled_accuracy_second_half",
+            "kl_second_half",
+            "answer_tokens_second_half",
+            "oracle_top1_agreement",
+        ):
             if all(key in a for a in group):
                 table[-1][key] = mean_sd([a[key] for a in group])
         p, n = table[-1]["test_accuracy"]["mean"], group[0]["test_examples"]
@@ -349,16 +436,48 @@ def report(name: str) -> dict[str, Any]:
     if diffs:
         print("\nminus dcg, paired by seed (mean ± sd of the per-seed differences):")
         print_table(["task", "method", "seeds", "test_acc", "test_parts", "val_2nd_half"], diffs)
-    return {"arms": len(arms), "table": table}
+    targets = {task: rlaif_targets(groups, task) for task, _ in groups if task.startswith("rlaif")}
+    for task, checks in targets.items():
+        print(f"\n{task}: targets on test accuracy (paired by seed: mean ± sd of the differences)")
+        print_table(
+            ["target", "seeds", "difference", "met"],
+            [
+                [name, len(d["seeds"]), f"{d['mean']:+.3f} ± {d['sd']:.3f}", d["met"]]
+                for name, d in checks.items()
+                if d["seeds"]
+            ],
+        )
+    return {"arms": len(arms), "table": table, "rlaif_targets": targets}
+
+
+def rlaif_targets(groups: dict[tuple[str, str], list[dict[str, Any]]], task: str) -> dict[str, Any]:
+    """The rlaif comparison's targets on ``task``, each a paired difference of test accuracy over the
+    seeds that both arms have (the judge's one arm is every seed's baseline): ``dcg - sft >= 0.05``,
+    ``dcg - distill >= 0``, ``dcg - score >= 0``, ``dcg - judge > 0``."""
+    dcg = groups.get((task, "dcg"), [])
+    out = {}
+    for other, threshold in (("sft", 0.05), ("distill", 0.0), ("score", 0.0), ("judge", 0.0)):
+        base = groups.get((task, other), [])
+        if other == "judge":
+            base = [{**base[0], "seed": a["seed"]} for a in dcg] if base else []
+        diff = paired_difference(dcg, base, "test_accuracy")
+        met = bool(diff["seeds"]) and (
+            diff["mean"] > threshold if other == "judge" else diff["mean"] >= threshold
+        )
+        out[f"dcg - {other} {'>' if other == 'judge' else '>='} {threshold:+.2f}"] = {**diff, "met": met}
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/default.yaml")
-    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
+    parser.add_argument("--tasks", nargs="+", choices=[*TASKS, "rlaif"], default=list(TASKS))
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--minutes", type=float, default=10.0, help="RL wall time per arm")
+    parser.add_argument(
+        "--data-seed", type=int, default=0, help="rlaif: data, label split, judge and warm start of this seed"
+    )
     parser.add_argument(
         "--name", default="learning", help="arms under bench/results/<name>/, report <name>.json"
     )
@@ -368,14 +487,19 @@ def main() -> None:
     if not args.report_only:
         for task in args.tasks:
             for method in args.methods:
-                for seed in args.seeds[:1] if method == "start" else args.seeds:
-                    path = RESULTS / args.name / f"{task}-{method}-seed{seed}.json"
+                if method in RLAIF_ONLY and task != "rlaif":
+                    continue
+                for seed in args.seeds[:1] if method in ("start", "judge") else args.seeds:
+                    label = task_label(task, args.data_seed)
+                    path = RESULTS / args.name / f"{label}-{method}-seed{seed}.json"
                     if path.exists():
                         print(f"== {path.name}: done already", flush=True)
                         continue
-                    print(f"== arm {task} {method} seed {seed}", flush=True)
-                    if method == "sft":
-                        run_sft_arm(args, task, seed, path)
+                    print(f"== arm {label} {method} seed {seed}", flush=True)
+                    if method in ("sft", "distill"):
+                        run_sft_arm(args, task, method, seed, path)
+                    elif method == "judge":
+                        run_judge_arm(args, task, path)
                     else:
                         run_arm(args, task, method, seed, path)
     result = report(args.name)

@@ -662,6 +662,8 @@ class Trainer:
         return {
             "step": self.step_no,
             "samples": sum(g.size for g in batch),
+            "answer_tokens_mean": sum(len(ids) for g in batch for ids in g.completion_ids)
+            / max(1, sum(g.size for g in batch)),
             "groups": len(batch),
             "weight_version": self.version,
             "rollout_versions": sorted({g.weight_version for g in batch}),

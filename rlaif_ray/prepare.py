@@ -4,6 +4,11 @@ Real runs point ``data.*``, ``model.path`` and ``ranker.judge_path`` at existing
 reach the builders. From the command line::
 
     python -m rlaif_ray.prepare judge --config configs/rlaif.yaml [key=value ...]
+    python -m rlaif_ray.prepare distill --config configs/rlaif.yaml --out FILE [key=value ...]
+
+``distill`` writes the training lines with the judge's greedy answer on every line nobody
+labelled (:func:`label_with_judge`): the data of the ``distill`` baseline, SFT on the judge's
+answers, against which RL from the same judge's rankings is measured.
 """
 
 from __future__ import annotations
@@ -145,11 +150,50 @@ def measure_judge(cfg: Config, path: Path) -> dict[str, Any]:
     }
 
 
+def label_with_judge(cfg: Config, out: str | Path, batch_size: int = 64) -> dict[str, int]:
+    """Write ``data.train`` to ``out`` (JSONL, absolute video paths) with the greedy answer of the
+    judge in ``ranker.judge_path`` (built when missing, as :func:`ensure_judge`) on every line that
+    has no answer; lines with an answer are kept as they are. A line whose video does not decode
+    keeps no answer (SFT skips it) and is counted. Returns the counts: ``lines``, ``labelled``
+    (already had an answer), ``judge_labelled`` and ``bad_video``."""
+    from rlaif_ray.config import RankerConfig
+    from rlaif_ray.data.dataset import load_jsonl
+    from rlaif_ray.data.frames import FrameStore
+    from rlaif_ray.evaluate import greedy_answer_fn
+    from rlaif_ray.ranker.video_judge import VideoJudgeRanker
+
+    judge = VideoJudgeRanker(RankerConfig(backend="video_judge", judge_path=str(ensure_judge(cfg))))
+    answer = greedy_answer_fn(judge.policy, cfg.rollout.max_new_tokens)
+    examples = load_jsonl(cfg.data.train, on_error=cfg.data.on_bad_line)
+    store = FrameStore(judge.policy.cfg.num_frames, max_pixels=cfg.data.max_video_pixels)
+    unlabelled = [ex for ex in examples if ex.answer is None]
+    usable = [(ex, store.for_example(ex.video)) for ex in unlabelled]
+    usable = [(ex, frames) for ex, (ok, frames) in usable if ok]
+    for start in range(0, len(usable), batch_size):
+        batch = usable[start : start + batch_size]
+        for (ex, _), text in zip(
+            batch, answer([f for _, f in batch], [ex.question for ex, _ in batch]), strict=True
+        ):
+            ex.answer = text
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = [{key: value for key, value in vars(ex).items() if value is not None} for ex in examples]
+    out.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return {
+        "lines": len(examples),
+        "labelled": len(examples) - len(unlabelled),
+        "judge_labelled": len(usable),
+        "bad_video": len(unlabelled) - len(usable),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
-    """The command line: ``judge`` builds the video judge of a config (when missing)."""
+    """The command line: ``judge`` builds the video judge of a config (when missing); ``distill``
+    writes the training lines with the judge's answers where they had none."""
     parser = argparse.ArgumentParser(prog="python -m rlaif_ray.prepare", description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["judge"])
+    parser.add_argument("what", choices=["judge", "distill"])
     parser.add_argument("--config", default=None, help="a YAML config (default: the dataclass defaults)")
+    parser.add_argument("--out", help="distill: the JSONL file to write")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_intermixed_args(argv)
     from rlaif_ray.launch import with_absolute_paths
@@ -157,6 +201,11 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = with_absolute_paths(load_config(args.config, args.overrides))
     setup_logging(cfg.log_level)
+    if args.what == "distill":
+        if not args.out:
+            parser.error("distill needs --out FILE")
+        print(json.dumps(label_with_judge(cfg, args.out)), flush=True)
+        return
     path = ensure_judge(cfg)
     state = path / JUDGE_STATE
     print(state.read_text() if state.is_file() else f"the judge in {path} was there already", flush=True)

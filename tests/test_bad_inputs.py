@@ -19,10 +19,14 @@ from rlaif_ray.rollout.worker import RolloutWorker
 
 
 def test_learner_drops_and_counts_rows_whose_video_went_bad(small_config: Config, tmp_path: Path) -> None:
-    """A video that decoded for the rollout actor but not for the learner (deleted since, or not
-    on the learner's node): its rows are dropped and counted, the step goes on with the rest."""
+    """With ``learner.reencode_videos`` (the learner decodes and encodes the videos itself), a video
+    that decoded for the rollout actor but not for the learner (deleted since, or not on the
+    learner's node): its rows are dropped and counted, the step goes on with the rest. (By default
+    the groups bring the rollout's encoder output and the learner decodes nothing:
+    test_learner.py.)"""
     cfg = small_config
     cfg.rl.group_size, cfg.rl.prompts_per_step = 2, 4
+    cfg.learner.reencode_videos = True
     groups = RolloutWorker(cfg, cfg.model.path).rollout(load_jsonl(cfg.data.train)[:4], step=1)
     for group in groups:
         group.ranks, group.rank_status = [0.0, 1.0], "ok"

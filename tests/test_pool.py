@@ -100,6 +100,8 @@ def test_pool_grows_with_backlog_holds_under_steady_load_and_retires_idle_actors
     assert pool.rank([make_group(99)])[0].ranks is not None  # the one left still ranks
     stats = pool.stats()
     assert stats["groups"] == stats["ok"] == 12 + 6 * steady + 1
+    # the ground truth's first place is always a right answer: it agrees with the labels
+    assert stats["top1_checked"] == stats["top1_agrees"] == stats["groups"]
     for name in list(pool.actors):
         ray.kill(pool.actors[name])
 

@@ -422,7 +422,8 @@ def test_rank_chunk_reports_what_grew_since_the_last_chunk() -> None:
         ]
     )
     assert first[0].rank_status == "ok" and [g.rank_status for g in second] == ["fallback_tie", "ok"]
-    assert counts1 == {"groups": 1, "ok": 1, "attempts": 1, "errors": {}}
+    # x has one right answer of three and it is ranked first: agreement with the label counted
+    assert counts1 == {"groups": 1, "ok": 1, "attempts": 1, "top1_checked": 1, "top1_agrees": 1, "errors": {}}
     assert counts2 == {
         "groups": 2,
         "ok": 1,

@@ -120,6 +120,9 @@ def test_the_ranker_decodes_the_video_and_counts_one_that_does_not_decode(
     assert bad.rank_status == "bad_video" and bad.ranks is None and bad.rank_attempts == 0
     stats = worker.stats()
     assert stats["bad_video"] == 1 and stats["ok"] == 2 and stats["fallbacks"] == 0
+    # Agreement with the labels is counted on the labelled group only (one right answer, "red").
+    judge_first = [i for i, r in enumerate(good.ranks) if r == min(good.ranks)]
+    assert stats["top1_checked"] == 1 and stats["top1_agrees"] == int(judge_first == [0])
 
 
 def half_unlabelled(colour_checkpoint: Path, out: Path) -> str:
@@ -209,3 +212,38 @@ def test_prepare_judge_builds_a_judge_on_data_of_its_own_and_measures_it(
         ensure_judge(
             load_config(str(config), [*overrides, f"ranker.judge_path={tmp_path / 'other'}", "judge.seed=0"])
         )
+
+
+def test_distill_labels_only_the_unlabelled_prompts_with_the_judges_greedy_answers(
+    small_config: Config, colour_checkpoint: Path, judge: VideoJudgeRanker, tmp_path: Path
+) -> None:
+    """``python -m rlaif_ray.prepare distill``: every line nobody labelled gets the judge's greedy
+    answer, every labelled line keeps its own; a line whose video does not decode keeps none."""
+    from rlaif_ray.evaluate import greedy_answer_fn
+    from rlaif_ray.prepare import main
+
+    half = Path(half_unlabelled(colour_checkpoint, tmp_path / "half.jsonl"))
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video")
+    lines = half.read_text().splitlines()
+    lines.append(json.dumps({"id": "broken", "video": str(broken), "question": "what colour is the shape ?"}))
+    half.write_text("\n".join(lines) + "\n")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(small_config.to_dict()))
+    out = tmp_path / "distilled.jsonl"
+    overrides = [f"data.train={half}", "ranker.backend=video_judge", f"ranker.judge_path={colour_checkpoint}"]
+    main(["distill", "--config", str(config), "--out", str(out), *overrides])
+
+    before, after = load_jsonl(half), load_jsonl(out)
+    assert [ex.id for ex in after] == [ex.id for ex in before]
+    unlabelled = [(b, a) for b, a in zip(before, after, strict=True) if b.answer is None and b.id != "broken"]
+    assert unlabelled and all(a.answer for _, a in unlabelled)
+    for b, a in zip(before, after, strict=True):
+        if b.answer is not None:
+            assert a == b  # labelled lines untouched
+    assert after[-1].id == "broken" and after[-1].answer is None
+    store = FrameStore(8)
+    frames = [store.get(b.video) for b, _ in unlabelled]
+    greedy = greedy_answer_fn(judge.policy, small_config.rollout.max_new_tokens)
+    assert [a.answer for _, a in unlabelled] == greedy(frames, [b.question for b, _ in unlabelled])
+    assert len({a.answer for _, a in unlabelled}) >= 2  # answers that depend on the video

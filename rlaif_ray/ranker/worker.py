@@ -48,7 +48,9 @@ log = logging.getLogger(__name__)
 # re-asks (retries) of the worker; requests the backend retried itself (transport_retries);
 # answers that were no valid ordering (invalid); groups not ranked for want of a reference
 # (no_reference) or of a video that decodes (bad_video); tokens an API server reported
-# (prompt_tokens, completion_tokens). ``errors`` counts failed attempts by exception.
+# (prompt_tokens, completion_tokens); ranked groups with a reference and both right and wrong
+# answers (top1_checked), and of them those whose best-ranked answers are all right
+# (top1_agrees): the Oracle's agreement with the labels, where there are labels. ``errors`` counts failed attempts by exception.
 COUNTERS = (
     "groups",
     "ok",
@@ -64,6 +66,8 @@ COUNTERS = (
     "bad_video",
     "prompt_tokens",
     "completion_tokens",
+    "top1_checked",
+    "top1_agrees",
 )
 
 
@@ -176,7 +180,18 @@ class RankerWorker:
                 self._settle(job, time.perf_counter() - start)
         for group in shown:
             group.scores = self.backend.scores(prompts[id(group)], group.completions)
+        checked = [
+            g
+            for g in groups
+            if g.rank_status == "ok" and g.correct is not None and 0 < sum(g.correct) < g.size
+        ]
+        agrees = sum(
+            all(right for right, rank in zip(g.correct, g.ranks, strict=True) if rank == min(g.ranks))
+            for g in checked
+        )
         with self._lock:
+            self._counts["top1_checked"] += len(checked)
+            self._counts["top1_agrees"] += agrees
             self._counts["groups"] += len(groups)
             self._counts["ok"] += sum(g.rank_status == "ok" for g in groups)
             self._counts["attempts"] += sum(g.rank_attempts for g in groups)
