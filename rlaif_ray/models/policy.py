@@ -561,12 +561,7 @@ class VideoLMPolicy(VideoInputs):
         answer_mask = torch.zeros(len(answers), a_len - 1, dtype=torch.long, device=device)
         for i, row in enumerate(embedded):
             answer_embeds[i, : row.shape[0]], answer_mask[i, : row.shape[0]] = row, 1
-        cache = DynamicCache(
-            [
-                (layer.keys.repeat_interleave(sizes, dim=0), layer.values.repeat_interleave(sizes, dim=0))
-                for layer in out.past_key_values.layers
-            ]
-        )
+        cache = repeat_cache(out.past_key_values, sizes)
         answer_positions = torch.tensor(prompt_lens, device=device).repeat_interleave(sizes).unsqueeze(1)
         answer_positions = answer_positions + torch.arange(a_len - 1, device=device).unsqueeze(0)
         logits = self.lm(
@@ -641,15 +636,7 @@ class VideoLMPolicy(VideoInputs):
             use_cache=True,
             logits_to_keep=1,
         )
-        cache = DynamicCache(
-            [
-                (
-                    layer.keys.repeat_interleave(group_size, dim=0),
-                    layer.values.repeat_interleave(group_size, dim=0),
-                )
-                for layer in prefill.past_key_values.layers
-            ]
-        )
+        cache = repeat_cache(prefill.past_key_values, group_size)
         embeds, mask = embeds.repeat_interleave(group_size, dim=0), mask.repeat_interleave(group_size, dim=0)
         eos = self.tokenizer.eos_token_id
         gen_kwargs: dict[str, Any] = (
@@ -704,6 +691,17 @@ class VideoLMPolicy(VideoInputs):
         )
         samples.visual_features = per_prompt(frames, features)
         return samples
+
+
+def repeat_cache(cache: DynamicCache, repeats: int | torch.Tensor) -> DynamicCache:
+    """A cache whose row ``i`` is repeated ``repeats`` (or ``repeats[i]``) times, every layer's keys
+    and values copied inside the autograd graph (gradients flow back to the original rows)."""
+    return DynamicCache(
+        [
+            (layer.keys.repeat_interleave(repeats, dim=0), layer.values.repeat_interleave(repeats, dim=0))
+            for layer in cache.layers
+        ]
+    )
 
 
 def per_prompt(frames: list[Any], features: torch.Tensor | None) -> list[torch.Tensor | None]:
