@@ -1,7 +1,8 @@
 """Learning comparisons under one protocol: arms (task x method x seed), val to choose, test to report.
 
     python bench/learning.py [--tasks default graded converged rlaif] [--methods start dcg score sft]
-        [--seeds 0 1 2] [--minutes 10] [--data-seed 0] [--name learning] [--report-only] [key=value ...]
+        [--seeds 0 1 2] [--minutes 10] [--data-seed 0] [--lrs 2e-4 5e-4] [--name learning]
+        [--report-only] [key=value ...]
 
 Every RL arm is one run of the whole Ray pipeline (``rlaif_ray.launch.run``) from the task's SFT
 warm start (trained once per task, shared by the seeds: its fingerprint leaves the seed out), for
@@ -48,6 +49,13 @@ video judge's):
   line nobody labelled (``python -m rlaif_ray.prepare distill``): the strong baseline for RL from
   the judge's rankings;
 * ``judge`` (``rlaif``): the judge itself, evaluated on the same test questions (one arm).
+
+Learning rate chosen on val (``--lrs A B ...``): the first of ``--seeds`` runs every training
+method (all but ``start`` and ``judge``) at each learning rate (``learner.lr`` for RL, ``sft.lr``
+for ``sft``/``distill``; arms named ``<task>-<method>-lr<A>-seed<S>``); the later seeds run only
+the rate whose first-seed arm had the best val accuracy over the second half of its evaluations.
+The report keeps, per task and method, the arms at that rate (the choice and each rate's val
+figure under ``lr_selection``); test is never looked at to choose.
 
 On ``rlaif`` the report adds the targets, each a paired difference over the seeds on test:
 ``dcg - sft >= +0.05``, ``dcg >= distill``, ``dcg >= score`` and ``dcg`` above its judge.
@@ -144,8 +152,39 @@ def task_label(task: str, data_seed: int) -> str:
     return f"rlaif-d{data_seed}" if task == "rlaif" else task
 
 
+def arm_name(label: str, method: str, seed: int, lr: float | None) -> str:
+    """An arm's file stem: ``<task>-<method>[-lr<lr>]-seed<S>`` (the rate only when ``--lrs`` chose it)."""
+    return f"{label}-{method}{'' if lr is None else f'-lr{lr:g}'}-seed{seed}"
+
+
+def lr_override(method: str, lr: float | None) -> list[str]:
+    """The learning-rate override of a training arm: ``sft.lr`` for the SFT methods, ``learner.lr`` else."""
+    if lr is None:
+        return []
+    return [f"{'sft' if method in ('sft', 'distill') else 'learner'}.lr={lr}"]
+
+
+def chosen_lr(arms: list[dict[str, Any]]) -> tuple[float, dict[str, float]]:
+    """The learning rate chosen on val among one method's arms: the best ``val_second_half`` at the
+    seed every rate was run with (the lowest such seed; the smaller rate on a tie). Returns the rate
+    and each rate's val figure at that seed."""
+    by_seed: dict[int, dict[float, float]] = {}
+    for arm in arms:
+        by_seed.setdefault(arm["seed"], {})[arm["lr"]] = arm["val_second_half"]
+    rates = {arm["lr"] for arm in arms}
+    seed = min(s for s, runs in by_seed.items() if runs.keys() == rates)
+    val = dict(sorted(by_seed[seed].items()))
+    return max(val, key=lambda lr: (val[lr], -lr)), val
+
+
 def arm_overrides(
-    task: str, method: str, seed: int, minutes: float, name: str, data_seed: int = 0
+    task: str,
+    method: str,
+    seed: int,
+    minutes: float,
+    name: str,
+    data_seed: int = 0,
+    lr: float | None = None,
 ) -> list[str]:
     """The config overrides of one arm."""
     return [
@@ -155,8 +194,9 @@ def arm_overrides(
         f"rl.time_limit_s={minutes * 60}",
         "rl.eval_split=val",
         "rl.final_test=true",
-        f"run_dir=runs/bench_{name}/{task_label(task, data_seed)}-{method}-seed{seed}",
+        f"run_dir=runs/bench_{name}/{arm_name(task_label(task, data_seed), method, seed, lr)}",
         *METHODS[method],
+        *lr_override(method, lr),
     ]
 
 
@@ -207,6 +247,7 @@ def arm_record(
     train_s: float,
     evals: list[dict[str, Any]],
     test: dict[str, Any],
+    lr: float | None = None,
 ) -> dict[str, Any]:
     """One arm's result: val before (``evals[0]``), at the end (``evals[-1]``) and over the second
     half of its evaluations, and the final test evaluation."""
@@ -214,6 +255,7 @@ def arm_record(
         "task": task,
         "method": method,
         "seed": seed,
+        **({} if lr is None else {"lr": lr}),
         "minutes": minutes,
         "overrides": overrides,
         "steps": steps,
@@ -236,8 +278,13 @@ def write_arm(path: Path, arm: dict[str, Any]) -> None:
     tmp.replace(path)  # an arm's file exists only once the arm is whole
 
 
-def run_arm(args: argparse.Namespace, task: str, method: str, seed: int, path: Path) -> None:
-    overrides = [*args.overrides, *arm_overrides(task, method, seed, args.minutes, args.name, args.data_seed)]
+def run_arm(
+    args: argparse.Namespace, task: str, method: str, seed: int, path: Path, lr: float | None = None
+) -> None:
+    overrides = [
+        *args.overrides,
+        *arm_overrides(task, method, seed, args.minutes, args.name, args.data_seed, lr),
+    ]
     cfg = load_config(args.config, overrides)
     summary = run(cfg)
     record = arm_record(
@@ -250,12 +297,15 @@ def run_arm(args: argparse.Namespace, task: str, method: str, seed: int, path: P
         summary["rl_wall_s"],
         summary["evals"],
         summary["test"],
+        lr,
     )
     record.update(loop_signal(cfg.run_dir) if summary["steps"] else {"warm_start": warm_start_record(cfg)})
     write_arm(path, record)
 
 
-def run_sft_arm(args: argparse.Namespace, task: str, method: str, seed: int, path: Path) -> None:
+def run_sft_arm(
+    args: argparse.Namespace, task: str, method: str, seed: int, path: Path, lr: float | None = None
+) -> None:
     """More SFT from the task's warm start for ``--minutes`` of training time, then the test split:
     on the task's training lines (``sft``), or on them with the judge's answers where they had
     none (``distill``, rlaif)."""
@@ -279,10 +329,11 @@ def run_sft_arm(args: argparse.Namespace, task: str, method: str, seed: int, pat
             prepare = [sys.executable, "-m", "rlaif_ray.prepare", "distill", "--config", args.config]
             subprocess.run([*prepare, "--out", str(distilled), *overrides], check=True, cwd=ROOT)
         train = [f"data.train={distilled}"]
-    folder = Path(f"runs/bench_{args.name}/{label}-{method}-seed{seed}")
+    folder = Path(f"runs/bench_{args.name}/{arm_name(label, method, seed, lr)}")
     overrides = [
         *overrides,
         *train,
+        *lr_override(method, lr),
         f"seed={seed}",
         f"sft.init_from={cfg.sft.output_dir}",
         f"sft.output_dir={folder / 'sft'}",
@@ -306,7 +357,7 @@ def run_sft_arm(args: argparse.Namespace, task: str, method: str, seed: int, pat
     write_arm(
         path,
         arm_record(
-            label, method, seed, args.minutes, overrides, state["steps"], state["train_s"], evals, test
+            label, method, seed, args.minutes, overrides, state["steps"], state["train_s"], evals, test, lr
         ),
     )
 
@@ -364,6 +415,12 @@ def report(name: str) -> dict[str, Any]:
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for arm in arms:
         groups.setdefault((arm["task"], arm["method"]), []).append(arm)
+    selections = {}
+    for key, group in groups.items():
+        if any("lr" in a for a in group):
+            lr, val = chosen_lr(group)
+            groups[key] = [a for a in group if a["lr"] == lr]
+            selections[key] = {"chosen": lr, "val_second_half": {f"{r:g}": v for r, v in val.items()}}
     table = []
 
     def order(item: tuple[tuple[str, str], Any]) -> tuple[int, str, int]:
@@ -377,6 +434,7 @@ def report(name: str) -> dict[str, Any]:
                 "task": task,
                 "method": method,
                 "seeds": sorted(a["seed"] for a in group),
+                **({"lr_selection": selections[(task, method)]} if (task, method) in selections else {}),
                 "steps": mean_sd([a["steps"] for a in group]),
                 **{
                     key: mean_sd([a[key] for a in group])
@@ -433,6 +491,20 @@ def report(name: str) -> dict[str, Any]:
         for r in table
         if r.get("minus_dcg") and r["minus_dcg"]["test_accuracy"]["seeds"]
     ]
+    if selections:
+        print("\nlearning rate chosen on val (val accuracy over the second half, first seed):")
+        print_table(
+            [
+                "task",
+                "method",
+                "chosen",
+                *(f"lr {r}" for r in next(iter(selections.values()))["val_second_half"]),
+            ],
+            [
+                [task, method, f"{s['chosen']:g}", *(f"{v:.3f}" for v in s["val_second_half"].values())]
+                for (task, method), s in selections.items()
+            ],
+        )
     if diffs:
         print("\nminus dcg, paired by seed (mean ± sd of the per-seed differences):")
         print_table(["task", "method", "seeds", "test_acc", "test_parts", "val_2nd_half"], diffs)
@@ -468,6 +540,37 @@ def rlaif_targets(groups: dict[tuple[str, str], list[dict[str, Any]]], task: str
     return out
 
 
+def arm_rates(args: argparse.Namespace, task: str, method: str, seed: int) -> list[float | None]:
+    """The learning rates an arm runs with: the config's (``None``) without ``--lrs`` or for an arm
+    that does not train; every rate on the first seed; on later seeds the rate chosen on val."""
+    if not args.lrs or method in ("start", "judge"):
+        return [None]
+    if seed == args.seeds[0]:
+        return list(args.lrs)
+    label = task_label(task, args.data_seed)
+    first = [RESULTS / args.name / f"{arm_name(label, method, args.seeds[0], lr)}.json" for lr in args.lrs]
+    missing = [str(p) for p in first if not p.exists()]
+    if missing:
+        raise SystemExit(f"cannot choose {method}'s learning rate on val: missing {', '.join(missing)}")
+    return [chosen_lr([json.loads(p.read_text()) for p in first])[0]]
+
+
+def run_one(args: argparse.Namespace, task: str, method: str, seed: int, lr: float | None) -> None:
+    """One arm, unless its result file exists already."""
+    label = task_label(task, args.data_seed)
+    path = RESULTS / args.name / f"{arm_name(label, method, seed, lr)}.json"
+    if path.exists():
+        print(f"== {path.name}: done already", flush=True)
+        return
+    print(f"== arm {path.stem}", flush=True)
+    if method in ("sft", "distill"):
+        run_sft_arm(args, task, method, seed, path, lr)
+    elif method == "judge":
+        run_judge_arm(args, task, path)
+    else:
+        run_arm(args, task, method, seed, path, lr)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/default.yaml")
@@ -481,27 +584,24 @@ def main() -> None:
     parser.add_argument(
         "--name", default="learning", help="arms under bench/results/<name>/, report <name>.json"
     )
+    parser.add_argument(
+        "--lrs", type=float, nargs="+", help="learning rates to choose from on val (the first seed runs each)"
+    )
     parser.add_argument("--report-only", action="store_true", help="only report the arms already run")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every arm")
     args = parser.parse_args()
     if not args.report_only:
         for task in args.tasks:
-            for method in args.methods:
-                if method in RLAIF_ONLY and task != "rlaif":
-                    continue
-                for seed in args.seeds[:1] if method in ("start", "judge") else args.seeds:
-                    label = task_label(task, args.data_seed)
-                    path = RESULTS / args.name / f"{label}-{method}-seed{seed}.json"
-                    if path.exists():
-                        print(f"== {path.name}: done already", flush=True)
+            for seed in args.seeds:
+                for method in args.methods:
+                    if (
+                        method in RLAIF_ONLY
+                        and task != "rlaif"
+                        or (method in ("start", "judge") and seed != args.seeds[0])
+                    ):
                         continue
-                    print(f"== arm {label} {method} seed {seed}", flush=True)
-                    if method in ("sft", "distill"):
-                        run_sft_arm(args, task, method, seed, path)
-                    elif method == "judge":
-                        run_judge_arm(args, task, path)
-                    else:
-                        run_arm(args, task, method, seed, path)
+                    for lr in arm_rates(args, task, method, seed):
+                        run_one(args, task, method, seed, lr)
     result = report(args.name)
     path = write_result(args.name, {"config": args.config, "overrides": args.overrides, **result})
     print(f"wrote {path}")
