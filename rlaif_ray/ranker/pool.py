@@ -83,8 +83,8 @@ class RankerPool:
             "name": name,
             "num_cpus": rc.num_cpus_per_actor,
             "num_gpus": rc.num_gpus_per_actor,
-            # an openai actor runs its chunks at once (requests are I/O); another backend in turn
-            "max_concurrency": CALLS_PER_ACTOR if rc.backend == "openai" else 1,
+            # a backend of concurrent requests (I/O) runs the actor's chunks at once; another in turn
+            "max_concurrency": CALLS_PER_ACTOR if self._requests_per_actor() > 1 else 1,
         }
         if rc.resource:
             options["resources"] = {rc.resource: 1}
@@ -137,10 +137,14 @@ class RankerPool:
 
     def _chunk_size(self) -> int:
         """Groups per call: what the backend ranks at once, or a share of a long queue spread over
-        ``max_actors`` actors (two calls each), whichever is larger."""
+        ``max_actors`` actors (``CALLS_PER_ACTOR`` calls each), whichever is larger."""
+        share = math.ceil(len(self._queue) / (CALLS_PER_ACTOR * self.cfg.ranker.max_actors))
+        return max(self._requests_per_actor(), share)
+
+    def _requests_per_actor(self) -> int:
+        """How many groups an actor's backend ranks at once."""
         rc = self.cfg.ranker
-        concurrent = rc.openai_max_concurrency if rc.backend == "openai" else 1
-        return max(concurrent, math.ceil(len(self._queue) / (2 * rc.max_actors)))
+        return rc.openai_max_concurrency if rc.backend == "openai" else 1
 
     def dispatch(self) -> None:
         """Grow the pool when the backlog is long, then hand queued chunks to the actors, one round
