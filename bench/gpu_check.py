@@ -483,7 +483,8 @@ def stage_rl(c: Checker, cfg: Any, args: argparse.Namespace, start_dir: str) -> 
         c.check("learner.backend", backend == cfg.learner.backend, backend)
         describe_policy(c, "learner", learner.policy, dev, want)
         c.info("learner.reference_adapter", learner.policy.has_reference_adapter)
-        w0 = learner.export_weights()
+        # copied: kept across the first update
+        w0 = {k: v.clone() for k, v in learner.export_weights().tensors().items()}
         bad = [k for k, v in w0.items() if v.device.type != "cpu" or not v.is_floating_point()]
         c.check("learner.export", not bad and bool(w0), bad[:3] or f"{len(w0)} tensors on cpu")
         dtypes = {v.dtype for v in w0.values()}
@@ -545,13 +546,13 @@ def stage_rl(c: Checker, cfg: Any, args: argparse.Namespace, start_dir: str) -> 
                     n > 0 and gain > 0,
                     f"mean margin gain {gain:.4f} over {n} groups",
                 )
-            w = learner.export_weights()
+            w = learner.policy.trainable_state_dict()  # kept across the next update
             c.check(
                 f"rl.step{step}.weights_changed",
                 max_abs_diff(w, w_prev) > 0,
                 f"max |dw| {max_abs_diff(w, w_prev):.2e}",
             )
-            served = rollout.update_weights(learner.version, w)
+            served = rollout.update_weights(learner.version, learner.export_weights())
             c.check(f"rl.step{step}.rollout_serves_new_version", served == learner.version == step, served)
             mine = rollout.engine.policy.trainable_state_dict()
             diff = max(float((mine[k].float() - w[k].float()).abs().max()) for k in w)

@@ -1,16 +1,16 @@
 """Weight sync: time per version to publish the trainable tensors and have 2 rollout actors serve them.
 
     python bench/weight_sync.py [key=value ...] [--cases tiny_hf tiny_vllm lora7b_hf]
-        [--transports default zero_copy] [--reps 10] [--lora-layers 32] [--lora-dtype bfloat16]
-        [--quick] [--name NAME]
+        [--reps 10] [--lora-layers 32] [--lora-dtype bfloat16] [--quick] [--name NAME]
 
 (config overrides first: the list options would take them as their values)
 
 Every case runs on a local Ray cluster started here: one learner actor and ``--rollouts`` (2)
 rollout actors, real Ray actors. Each version is published along the path of
-``rlaif_ray.launch.Trainer.sync_weights``: the learner's ``export_weights`` puts one copy of the
-trainable tensors in the object store and every rollout actor's ``update_weights`` is handed
-that reference and loads from it; ``sync_s`` is the time until every rollout actor has returned,
+``rlaif_ray.launch.Trainer.sync_weights``: the learner's ``export_weights`` returns its trainable
+tensors as a ``WeightsMessage`` (numpy views of the parameters, no copy), which Ray writes once
+into the object store; every rollout actor's ``update_weights`` is handed that reference, reads
+the arrays as views of the store's shared memory and copies them into its parameters; ``sync_s`` is the time until every rollout actor has returned,
 ``export_s`` the part until the export was in the object store. The cases:
 
 * ``tiny_hf``: the built-in tiny default policy (``configs/default.yaml``, SFT warm start): the
@@ -31,19 +31,12 @@ that reference and loads from it; ``sync_s`` is the time until every rollout act
   ``VideoLMPolicy.load_trainable_state_dict`` runs unchanged. Its "sampling" is a forward of a
   fixed input through every LoRA pair (``x @ A.T @ B.T``), checked against the learner's.
 
-The transports: ``default`` is Ray's own serialisation of torch tensors (pickled: what the
-project runs today); ``zero_copy`` sets ``RAY_ENABLE_ZERO_COPY_TORCH_TENSORS=1`` in every Ray
-worker, so a CPU tensor travels as an out-of-band buffer and a reader gets a read-only view of
-the object store (no code change: a Ray setting).
-
 Before each version the learner's trainable tensors change (untimed), so that every version
 differs. After each sync (untimed) every rollout actor samples once (1 prompt, a group; the
 stand-in: its forward), the served version and, for the transformers engine, the served tensors
 are checked against the learner's, and the same sample is timed again (``first_sample_s`` vs
 ``steady_sample_s``: what the first sample after a swap pays, e.g. vLLM activating the adapter).
-Also per case: ``load_check_s`` (inside a rollout actor, one ``trainable_state_dict()``: the
-copy ``load_trainable_state_dict`` makes to list the names it expects) and, the reference,
-``copy_s``: one in-process ``copy_`` of the same tensors into preallocated tensors of the same
+Also per case the reference, ``copy_s``: one in-process ``copy_`` of the same tensors into preallocated tensors of the same
 shapes in this process, on one torch thread (the limit on one machine, at one core), timed right
 before each version's sync, so that both see the same load on a shared machine
 (``sync_over_copy``: the ratio of the medians; ``sync_over_copy_per_version``: of each
@@ -92,7 +85,6 @@ from rlaif_ray.rollout.worker import RolloutWorker  # noqa: E402
 clear_named_actors = importlib.import_module("bench.async").clear_named_actors
 
 CASES = ("tiny_hf", "tiny_vllm", "lora7b_hf")
-TRANSPORTS = {"default": {}, "zero_copy": {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}}
 # Vicuna-7B (Llama): hidden size, MLP size; the paper's LoRA rank and target modules.
 LLAMA_7B = {"hidden": 4096, "mlp": 11008, "rank": 64}
 # One thread, as each stand-in actor copies with: on a shared machine a 2-thread copy_ stalls at
@@ -129,8 +121,10 @@ class LoraPair(nn.Module):
 class LoraStandIn(nn.Module):
     """The trainable part of a LoRA policy without its base model: ``lm`` holds a ``LoraPair`` at
     every peft module path, ``projector`` is empty. It loads and exports with the policy's own
-    ``trainable_state_dict`` / ``load_trainable_state_dict`` (the functions, not copies)."""
+    ``trainable_tensors`` / ``trainable_state_dict`` / ``load_trainable_state_dict`` (the
+    functions, not copies)."""
 
+    trainable_tensors = VideoLMPolicy.trainable_tensors
     trainable_state_dict = VideoLMPolicy.trainable_state_dict
     load_trainable_state_dict = VideoLMPolicy.load_trainable_state_dict
 
@@ -178,9 +172,9 @@ def bump_trainable(policy: nn.Module, version: int) -> None:
 class StandInLearner(LearnerWorker):
     """``LearnerWorker`` whose policy is a :class:`LoraStandIn`; ``export_weights`` is inherited."""
 
-    def __init__(self, layers: int, dtype: str, threads: int) -> None:
+    def __init__(self, cfg: Config, layers: int, dtype: str, threads: int) -> None:
         torch.set_num_threads(threads)
-        self.rank, self.world_size, self.version = 0, 1, 0
+        self.cfg, self.rank, self.world_size, self.version = cfg, 0, 1, 0
         self.policy = LoraStandIn(layers, dtype, seed=0)
 
     def bump(self, version: int) -> None:
@@ -215,14 +209,6 @@ class StandInRollout(RolloutWorker):
 def served_state(worker: RolloutWorker) -> dict[str, torch.Tensor]:
     """The trainable tensors a transformers-engine rollout actor serves (run inside the actor)."""
     return worker.engine.policy.trainable_state_dict()
-
-
-def time_load_check(worker: RolloutWorker) -> float:
-    """Seconds of one ``trainable_state_dict()`` inside the actor: the copy that
-    ``load_trainable_state_dict`` makes to learn the names it expects."""
-    start = time.perf_counter()
-    worker.engine.policy.trainable_state_dict()
-    return time.perf_counter() - start
 
 
 def bump_learner(worker: LearnerWorker, version: int) -> None:
@@ -315,22 +301,22 @@ def check_served(learner: Any, rollouts: list[Any], stand_in: bool, hf: bool) ->
         return
     if not hf:
         return
-    expected = ray.get(learner.export_weights.remote())
+    expected = ray.get(learner.export_weights.remote()).tensors()
     for state in ray.get([r.__ray_call__.remote(served_state) for r in rollouts]):
         bad = [k for k in expected if not torch.equal(expected[k], state[k])]
         if bad:
             raise RuntimeError(f"served tensors differ from the learner's: {bad[:3]}")
 
 
-def run_case(
-    case: str, transport: str, cfg: Config, policy_dir: str, args: argparse.Namespace
-) -> dict[str, Any]:
+def run_case(case: str, cfg: Config, policy_dir: str, args: argparse.Namespace) -> dict[str, Any]:
     """Time ``args.reps`` versions of one case on the running Ray cluster."""
     stand_in = case == "lora7b_hf"
     hf = case != "tiny_vllm"
     if stand_in:
         opts = {"num_cpus": 1}
-        learners = [ray.remote(StandInLearner).options(**opts).remote(args.lora_layers, args.lora_dtype, 1)]
+        learners = [
+            ray.remote(StandInLearner).options(**opts).remote(cfg, args.lora_layers, args.lora_dtype, 1)
+        ]
         rollouts = [
             ray.remote(StandInRollout).options(**opts).remote(args.lora_layers, args.lora_dtype, 1)
             for _ in range(args.rollouts)
@@ -342,8 +328,8 @@ def run_case(
         learners, rollouts, prompt = tiny_actors(cfg, policy_dir)
     learner = learners[0]
     # A fetched export: the tensors the in-process baseline copies (same shapes, dtypes, bytes).
-    state = {k: v.clone() for k, v in ray.get(learner.export_weights.remote()).items()}
-    row: dict[str, Any] = {"case": case, "transport": transport, **state_bytes(state)}
+    state = {k: v.clone() for k, v in ray.get(learner.export_weights.remote()).tensors().items()}
+    row: dict[str, Any] = {"case": case, **state_bytes(state)}
     dst = {k: torch.empty_like(v) for k, v in state.items()}
     sync_s, export_s, copy_s, first_s, steady_s, load = [], [], [], [], [], []
     for version in range(1, args.reps + 2):  # version 1 is the untimed warm-up
@@ -364,16 +350,12 @@ def run_case(
             load.append(os.getloadavg()[0])
             first_s.append(first)
             steady_s.append(steady)
-    check_s = (
-        ray.get([rollouts[0].__ray_call__.remote(time_load_check) for _ in range(args.reps)]) if hf else []
-    )
     row.update(
         {
             "rollout_actors": len(rollouts),
             "engine": "vllm" if case == "tiny_vllm" else "hf",
             "sync_s": summary(sync_s),
             "export_s": summary(export_s),
-            "load_check_s": summary(check_s),
             "copy_s": summary(copy_s),
             "sync_over_copy": statistics.median(sync_s) / statistics.median(copy_s),
             "sync_over_copy_per_version": summary([a / b for a, b in zip(sync_s, copy_s, strict=True)]),
@@ -390,13 +372,10 @@ def run_case(
     return row
 
 
-def start_ray(cfg: Config, transport: str, rollouts: int) -> None:
-    """A local Ray cluster whose workers run with ``transport``'s settings."""
+def start_ray(cfg: Config, rollouts: int) -> None:
+    """A local Ray cluster with a CPU for every actor."""
     needed = cfg.learner.num_cpus_per_actor + rollouts * cfg.rollout.num_cpus_per_actor + 1
-    ray.init(
-        num_cpus=max(os.cpu_count() or 1, math.ceil(needed)),
-        runtime_env={"env_vars": TRANSPORTS[transport]},
-    )
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)))
 
 
 def fmt(stat: dict[str, Any], scale: float = 1000.0) -> str:
@@ -411,14 +390,12 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
     print_table(
         [
             "case",
-            "transport",
             "MB",
             "dtype",
             "sync ms (median [min, max])",
             "copy ms",
             "sync/copy",
             "export ms",
-            "load check ms",
             "1st sample ms",
             "next sample ms",
             "load avg",
@@ -426,14 +403,12 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
         [
             [
                 r["case"],
-                r["transport"],
                 f"{r['bytes'] / 1e6:.1f}",
                 "/".join(r["dtypes"]),
                 fmt(r["sync_s"]),
                 fmt(r["copy_s"]),
                 f"{r['sync_over_copy']:.1f}x",
                 fmt(r["export_s"]),
-                fmt(r["load_check_s"]),
                 fmt(r["first_sample_s"]),
                 fmt(r["steady_sample_s"]),
                 f"{r['load_avg_1min']['median']:.1f}",
@@ -444,18 +419,10 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
 
 
 def main() -> None:
-    """Parse the options, run every case on each transport's Ray cluster, write the results."""
+    """Parse the options, run every case on one local Ray cluster, write the results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/default.yaml")
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
-    parser.add_argument("--transports", nargs="+", choices=list(TRANSPORTS), default=list(TRANSPORTS))
-    parser.add_argument(
-        "--vllm-transports",
-        nargs="+",
-        choices=list(TRANSPORTS),
-        default=["default"],
-        help="transports of the tiny_vllm case (each builds 2 vLLM engines, ~1 min)",
-    )
     parser.add_argument("--reps", type=int, default=10, help="timed versions per case (after one warm-up)")
     parser.add_argument("--rollouts", type=int, default=2, help="rollout actors")
     parser.add_argument("--lora-layers", type=int, default=32, help="layers of the 7B-size LoRA")
@@ -479,12 +446,6 @@ def main() -> None:
     ]
     cfg = with_absolute_paths(load_config(args.config, overrides))
     ensure_data(cfg)
-    plan = [
-        (transport, case)
-        for transport in args.transports
-        for case in args.cases
-        if case != "tiny_vllm" or transport in args.vllm_transports
-    ]
     result: dict[str, Any] = {
         "config": args.config,
         "overrides": overrides,
@@ -498,28 +459,25 @@ def main() -> None:
     }
     started = time.time()
     policy_dir = ""
-    for transport in dict.fromkeys(t for t, _ in plan):
-        start_ray(cfg, transport, args.rollouts)
-        try:
-            if not policy_dir and any(c != "lora7b_hf" for t, c in plan):
-                policy_dir = warm_start(cfg, ensure_model(cfg))
-                result["policy_dir"] = policy_dir
-            for case in [c for t, c in plan if t == transport]:
-                t = time.time()
-                print(f"== {case} ({transport} transport)", flush=True)
-                vcfg = (
-                    load_config(args.config, [*overrides, "rollout.engine=vllm"])
-                    if case == "tiny_vllm"
-                    else cfg
-                )
-                row = run_case(case, transport, with_absolute_paths(vcfg), policy_dir, args)
-                row["wall_s"] = time.time() - t
-                result["rows"].append(row)
-                result["total_wall_s"] = time.time() - started
-                write_result(args.name, result)
-                print_rows([row])
-        finally:
-            ray.shutdown()
+    start_ray(cfg, args.rollouts)
+    try:
+        if any(c != "lora7b_hf" for c in args.cases):
+            policy_dir = warm_start(cfg, ensure_model(cfg))
+            result["policy_dir"] = policy_dir
+        for case in args.cases:
+            t = time.time()
+            print(f"== {case}", flush=True)
+            vcfg = (
+                load_config(args.config, [*overrides, "rollout.engine=vllm"]) if case == "tiny_vllm" else cfg
+            )
+            row = run_case(case, with_absolute_paths(vcfg), policy_dir, args)
+            row["wall_s"] = time.time() - t
+            result["rows"].append(row)
+            result["total_wall_s"] = time.time() - started
+            write_result(args.name, result)
+            print_rows([row])
+    finally:
+        ray.shutdown()
     # The vLLM actors' adapter folders (one per version kept): not worth keeping.
     shutil.rmtree(adapter_root, ignore_errors=True)
     result["complete"] = True

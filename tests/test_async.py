@@ -95,7 +95,7 @@ def test_bound_zero_takes_the_same_steps_as_the_plain_classes(
             groups = ranker.rank_groups(rollout.rollout(rng.sample(train, cfg.rl.prompts_per_step), step))
             learner.train_step(groups)
             rollout.update_weights(learner.version, learner.export_weights())
-        return learner.version, learner.export_weights()
+        return learner.version, learner.policy.trainable_state_dict()
 
     ray.init(num_cpus=2, include_dashboard=False)
     try:

@@ -40,15 +40,15 @@ def test_restored_learner_takes_the_same_next_step(small_config: Config, tmp_pat
     learner.train_step(first)
     learner.save_state(str(tmp_path / "ckpt"))
     learner.train_step(second)
-    expected = learner.export_weights()
+    expected = learner.export_weights().tensors()
 
     restored = LearnerWorker(cfg, cfg.model.path)
     restored.setup()
     assert restored.load_state(str(tmp_path / "ckpt"), version=7) == 7
-    saved = restored.export_weights()
+    saved = restored.policy.trainable_state_dict()  # a copy: restored trains on
     assert any(not torch.equal(saved[k], expected[k]) for k in expected), "the second step changed nothing"
     stats = restored.train_step(second)
-    got = restored.export_weights()
+    got = restored.export_weights().tensors()
     assert stats["version"] == 8
     for name, tensor in expected.items():
         assert torch.equal(got[name], tensor), name
@@ -58,7 +58,7 @@ def test_restored_learner_takes_the_same_next_step(small_config: Config, tmp_pat
     fresh.setup()
     fresh.policy.load_trainable_state_dict(saved)
     fresh.train_step(second)
-    assert any(not torch.equal(fresh.export_weights()[k], expected[k]) for k in expected)
+    assert any(not torch.equal(fresh.export_weights().tensors()[k], expected[k]) for k in expected)
 
 
 def test_nan_update_is_skipped_and_counted(small_config: Config) -> None:
@@ -71,21 +71,21 @@ def test_nan_update_is_skipped_and_counted(small_config: Config) -> None:
     groups = ranked(cfg, 1, rollout, examples)
     learner = LearnerWorker(cfg, cfg.model.path)
     learner.setup()
-    before = learner.export_weights()
+    before = learner.policy.trainable_state_dict()
 
     poisoned = ranked(cfg, 1, rollout, examples)
     poisoned[0].logprobs[0][0] = math.nan
     stats = learner.train_step(poisoned)
     assert stats["skipped_step"] == 1.0 and stats["skipped_nonfinite"] == 1.0
     assert learner.version == 0
-    after = learner.export_weights()
+    after = learner.export_weights().tensors()
     for name, tensor in before.items():
         assert torch.equal(after[name], tensor), name
         assert torch.isfinite(after[name]).all()
 
     stats = learner.train_step(groups)
     assert stats["skipped_step"] == 0.0 and stats["version"] == 1.0
-    assert any(not torch.equal(learner.export_weights()[k], before[k]) for k in before)
+    assert any(not torch.equal(learner.export_weights().tensors()[k], before[k]) for k in before)
 
 
 def test_learner_setup_deadline_names_the_stale_lock(

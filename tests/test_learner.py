@@ -15,6 +15,7 @@ from rlaif_ray.data.dataset import load_jsonl
 from rlaif_ray.learner.worker import LearnerWorker, build_rows, shard
 from rlaif_ray.ranker.worker import RankerWorker
 from rlaif_ray.rollout.worker import RolloutWorker
+from rlaif_ray.weights import WeightsMessage
 
 
 def ranked_groups(cfg: Config, n_prompts: int) -> list:
@@ -23,6 +24,11 @@ def ranked_groups(cfg: Config, n_prompts: int) -> list:
     groups = RolloutWorker(cfg, cfg.model.path).rollout(examples, step=1)
     ranker = RankerWorker(cfg.ranker, cfg.rl.group_size)
     return ranker.rank_groups(groups)
+
+
+def owned(weights: WeightsMessage) -> dict[str, torch.Tensor]:
+    """Copies of an export read from the object store (its views end with the Ray session)."""
+    return {k: v.clone() for k, v in weights.tensors().items()}
 
 
 def one_step(cfg: Config, groups: list, world_size: int) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -40,14 +46,14 @@ def one_step(cfg: Config, groups: list, world_size: int) -> tuple[dict, dict[str
         return held, sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
 
     partition = ray.get([learner.__ray_call__.remote(local_partition) for learner in learners])
-    before = ray.get([learner.export_weights.remote() for learner in learners])[0]
+    before = owned(ray.get([learner.export_weights.remote() for learner in learners])[0])
     stats = ray.get([learner.train_step.remote(groups) for learner in learners])
     after = ray.get([learner.export_weights.remote() for learner in learners])
     ray.get([learner.save.remote(str(Path(cfg.run_dir) / f"saved_{world_size}")) for learner in learners])
     for learner in learners:
         ray.kill(learner)
     assert after[1:] == [None] * (world_size - 1), "only rank 0 returns the weights"
-    return {"stats": stats[0], "before": before, "partition": partition}, after[0]
+    return {"stats": stats[0], "before": before, "partition": partition}, owned(after[0])
 
 
 def test_shard_covers_everything_once() -> None:
@@ -200,7 +206,7 @@ def test_the_learner_takes_the_rollouts_encoder_output_instead_of_decoding(
     shipped = learner.train_step(gone)
     assert shipped["rows"] == 16 and shipped["rows_bad_video"] == 0 and shipped["version"] == 1.0
     assert learner.store.skipped_videos == 0 and not learner.store._frames, "the learner decoded a video"
-    from_rollout = learner.export_weights()
+    from_rollout = learner.export_weights().tensors()
 
     cfg.learner.reencode_videos = True
     reencoded_groups = RolloutWorker(cfg, cfg.model.path).rollout(examples, step=1)
@@ -212,5 +218,5 @@ def test_the_learner_takes_the_rollouts_encoder_output_instead_of_decoding(
     reencoded = learner.train_step(reencoded_groups)
     assert len(learner.store._frames) == len({g.video for g in groups})  # decoded here, once each
     assert reencoded["loss"] == pytest.approx(shipped["loss"], abs=1e-6)
-    for key, value in learner.export_weights().items():
+    for key, value in learner.export_weights().tensors().items():
         torch.testing.assert_close(value, from_rollout[key], rtol=0, atol=1e-2 * cfg.learner.lr, msg=key)

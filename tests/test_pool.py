@@ -202,6 +202,37 @@ def poison_calls(judge: FakeJudgeServer) -> int:
         return sum("poison" in body["messages"][-1]["content"] for body in judge.bodies)
 
 
+def test_an_actor_takes_new_groups_as_its_requests_finish(local_ray) -> None:
+    """One openai actor with 2 request slots, 4 groups (two chunks of 2), the first group slow: the
+    other three groups all start while it is answered (with a barrier per chunk the second chunk
+    would wait for it), and the judge never has more than the 2 requests the actor may send."""
+    judge = FakeJudgeServer()
+    events: list[tuple[str, bool, float]] = []
+
+    def reply(prompt: str) -> str:
+        slow = "slow" in prompt
+        events.append(("start", slow, time.monotonic()))
+        if slow:
+            judge.release.wait(2.0)
+        events.append(("end", slow, time.monotonic()))
+        return rank_by_reference(prompt)
+
+    judge.reply = reply
+    judge.thread.start()
+    try:
+        pool = RankerPool(judge_config(judge.base_url, "ranker.openai_max_concurrency=2"))
+        ranked = pool.rank([make_group(0, question="slow?"), *(make_group(i) for i in range(1, 4))])
+    finally:
+        judge.release.set()
+        judge.httpd.shutdown()
+    assert all(g.rank_status == "ok" for g in ranked)
+    slow_end = next(t for kind, slow, t in events if kind == "end" and slow)
+    started_meanwhile = [t for kind, slow, t in events if kind == "start" and not slow and t < slow_end]
+    assert len(started_meanwhile) == 3, events
+    assert judge.max_in_flight <= 2
+    ray.kill(pool.actors["ranker-0"])
+
+
 def test_hung_judge_meets_the_deadline_and_the_pool_moves_on(local_ray, hanging_judge) -> None:
     # Four connection slots: the two hung requests keep theirs until the client's timeout (30 s).
     config = judge_config(

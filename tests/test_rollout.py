@@ -15,6 +15,7 @@ from rlaif_ray.config import Config
 from rlaif_ray.data.dataset import VideoQAExample, load_jsonl
 from rlaif_ray.data.frames import BadVideoFractionError
 from rlaif_ray.rollout.worker import RolloutWorker
+from rlaif_ray.weights import WeightsMessage
 
 
 def test_rollout_groups_and_broken_videos(small_config: Config, tmp_path: Path) -> None:
@@ -52,13 +53,13 @@ def test_update_weights_changes_what_is_served(small_config: Config) -> None:
     state = {
         k: (torch.randn(v.shape, generator=gen) * 5 if "lm_head.lora_B" in k else v) for k, v in state.items()
     }
-    assert worker.update_weights(3, state) == 3
+    assert worker.update_weights(3, WeightsMessage.of(state)) == 3
     assert worker.version() == 3 and worker.evaluate(examples)["version"] == 3
     after = greedy(worker)
     assert after != before, "the answers did not change with the weights"
     # What is served is the new weights: a fresh worker given the same tensors answers the same.
     fresh = RolloutWorker(cfg, cfg.model.path)
-    fresh.update_weights(3, state)
+    fresh.update_weights(3, WeightsMessage.of(state))
     assert greedy(fresh) == after
     served = worker.engine.policy.trainable_state_dict()
     assert all(torch.equal(served[k], state[k]) for k in state)

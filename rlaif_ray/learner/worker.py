@@ -38,6 +38,7 @@ from rlaif_ray.learner.engine import (
 )
 from rlaif_ray.logs import setup_logging
 from rlaif_ray.models.policy import ADAPTER_DIR, VideoLMPolicy
+from rlaif_ray.weights import WeightsMessage
 
 log = logging.getLogger(__name__)
 
@@ -391,13 +392,21 @@ class LearnerWorker:
         size = self.policy.image_size
         return np.zeros((self.cfg.model.num_frames, size, size, 3), dtype=np.uint8)
 
-    def export_weights(self) -> dict[str, torch.Tensor] | None:
+    def export_weights(self) -> WeightsMessage | None:
         """The trainable tensors (LoRA + projector) on rank 0, None on the other ranks.
 
-        Under ZeRO-3 the gather is a collective: every rank must call this at once.
+        Views of the live parameters where they are on the CPU and whole (no copy: a Ray call's
+        return value is serialised as the call returns, before the next update; a caller in the
+        same process that keeps them across an update copies them first). Under ZeRO-3 a copy,
+        since the gathered parameters are released as the call ends; the gather is a collective:
+        every rank must call this at once.
         """
         with self.collectives(f"the export of version {self.version}"), gathered_trainable(self.policy):
-            return self.policy.trainable_state_dict() if self.rank == 0 else None
+            if self.rank != 0:
+                return None
+            if self.cfg.learner.zero_stage == 3:
+                return WeightsMessage.of(self.policy.trainable_state_dict())
+            return WeightsMessage.of(self.policy.trainable_tensors())
 
     @contextlib.contextmanager
     def collectives(self, what: str) -> Iterator[None]:

@@ -354,17 +354,25 @@ class VideoLMPolicy(VideoInputs):
         )
         return folder
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The tensors that RL changes (policy LoRA + projector), detached copies on the CPU."""
-        out = {f"projector.{k}": v.detach().cpu().clone() for k, v in self.projector.state_dict().items()}
+    def trainable_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors that RL changes (policy LoRA + projector) by name: the live parameters,
+        detached, not copied."""
+        out = {f"projector.{k}": v.detach() for k, v in self.projector.state_dict().items()}
         for name, param in self.lm.named_parameters():
             if "lora_" in name and f".{POLICY_ADAPTER}." in name:
-                out[f"lm.{name}"] = param.detach().cpu().clone()
+                out[f"lm.{name}"] = param.detach()
         return out
 
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """:meth:`trainable_tensors` copied to the CPU (one copy each)."""
+        return {
+            k: v.clone() if v.device.type == "cpu" else v.cpu() for k, v in self.trainable_tensors().items()
+        }
+
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load tensors produced by :meth:`trainable_state_dict` (names must match exactly)."""
-        expected = set(self.trainable_state_dict())
+        """Copy tensors named as :meth:`trainable_tensors` names them into the parameters (the names
+        must match exactly; ``state`` is only read)."""
+        expected = set(self.trainable_tensors())
         missing, unexpected = expected - set(state), set(state) - expected
         if missing or unexpected:
             raise KeyError(

@@ -4,10 +4,13 @@ Each actor (``ranker-0``, ``ranker-1``, ...) wraps a :class:`RankerWorker` and a
 resource ``ranker.resource`` so that the cluster launcher (``cluster/autoscale.yaml``) adds ranker
 nodes when actors are pending and removes them when idle.
 
-Groups stream through it: :meth:`RankerPool.submit` queues them, :meth:`RankerPool.dispatch` hands
-each idle actor a chunk of the queue (enough groups to fill its backend's concurrent requests,
-``ranker.openai_max_concurrency`` for the ``openai`` backend, and a fair share of a long queue),
-and the driver waits on :meth:`RankerPool.in_flight` together with its
+Groups stream through it: :meth:`RankerPool.submit` queues them, :meth:`RankerPool.dispatch` keeps
+:data:`CALLS_PER_ACTOR` chunks of the queue with every actor (each enough groups to fill its
+backend's concurrent requests, ``ranker.openai_max_concurrency`` for the ``openai`` backend, or a
+fair share of a long queue): an actor never waits for the driver between chunks, and an ``openai``
+actor runs its two chunks at once, so its requests start as earlier ones finish instead of
+draining at the end of each chunk (the backend still holds at most
+``ranker.openai_max_concurrency`` requests in flight). The driver waits on :meth:`RankerPool.in_flight` together with its
 other work and passes each finished reference to :meth:`RankerPool.collect`, which returns that
 chunk's ranked groups. :meth:`RankerPool.rank` does all of that for one list and returns it in order.
 The pool grows by one actor whenever more than ``ranker.scale_up_backlog`` groups per actor wait,
@@ -16,8 +19,9 @@ and retires an actor that has had nothing to do for ``ranker.idle_grace_s`` seco
 between bursts the idle actors go, and with them the ranker nodes the autoscaler added. Idleness
 is a matter of time, so the driver also calls :meth:`RankerPool.retire_idle` when its wait
 (bounded by :meth:`RankerPool.seconds_to_retirement`) ends with nothing finished. A dead actor is replaced
-(counted in ``restarts``) and its groups are ranked again, each in a chunk of its own, so no group
-is lost and a group that kills its ranker takes no other group down with it; a group whose ranker
+(counted in ``restarts``) and its groups are ranked again, each in a chunk of its own on an actor
+with nothing else to do, so no group is lost and a group that kills its ranker takes no other
+group down with it; a group whose ranker
 died under it :data:`MAX_ACTOR_DEATHS` times gets the fallback instead, so that it cannot stall
 the run. An actor that cannot even start (its backend's settings) stops the run with the reason.
 
@@ -47,6 +51,8 @@ log = logging.getLogger(__name__)
 
 # A group whose ranker actor died this many times while ranking it gets the fallback.
 MAX_ACTOR_DEATHS = 3
+# Chunks handed to each actor at once: the next one is there when the first finishes.
+CALLS_PER_ACTOR = 2
 
 
 class RankerPool:
@@ -64,7 +70,8 @@ class RankerPool:
         self._deaths: Counter[str] = Counter()  # group id -> ranker actors that died ranking it
         self._queue: deque[Group] = deque()
         self._suspects: deque[Group] = deque()  # groups whose ranker died: ranked alone, first
-        self._in_flight: dict[Any, tuple[str, list[Group]]] = {}
+        # object reference -> (actor name, chunk, whether the chunk is a suspect ranked alone)
+        self._in_flight: dict[Any, tuple[str, list[Group], bool]] = {}
         self._idle_since: dict[str, float] = {}  # actor name -> when it last had nothing to do
         self.telemetry = Telemetry("ranker", "pool")
         for _ in range(cfg.ranker.min_actors):
@@ -76,7 +83,8 @@ class RankerPool:
             "name": name,
             "num_cpus": rc.num_cpus_per_actor,
             "num_gpus": rc.num_gpus_per_actor,
-            "max_concurrency": 1,
+            # a backend of concurrent requests (I/O) runs the actor's chunks at once; another in turn
+            "max_concurrency": CALLS_PER_ACTOR if self._requests_per_actor() > 1 else 1,
         }
         if rc.resource:
             options["resources"] = {rc.resource: 1}
@@ -111,14 +119,14 @@ class RankerPool:
     @property
     def pending(self) -> int:
         """Groups submitted and not yet collected (queued or being ranked)."""
-        return self.backlog + sum(len(chunk) for _, chunk in self._in_flight.values())
+        return self.backlog + sum(len(chunk) for _, chunk, _ in self._in_flight.values())
 
     def oldest_pending_version(self) -> int | None:
         """The oldest weight version among the groups submitted and not yet collected (None if none)."""
         pending = [
             *self._queue,
             *self._suspects,
-            *(g for _, chunk in self._in_flight.values() for g in chunk),
+            *(g for _, chunk, _ in self._in_flight.values() for g in chunk),
         ]
         return min((g.weight_version for g in pending), default=None)
 
@@ -129,13 +137,19 @@ class RankerPool:
 
     def _chunk_size(self) -> int:
         """Groups per call: what the backend ranks at once, or a share of a long queue spread over
-        ``max_actors`` actors (two calls each), whichever is larger."""
+        ``max_actors`` actors (``CALLS_PER_ACTOR`` calls each), whichever is larger."""
+        share = math.ceil(len(self._queue) / (CALLS_PER_ACTOR * self.cfg.ranker.max_actors))
+        return max(self._requests_per_actor(), share)
+
+    def _requests_per_actor(self) -> int:
+        """How many groups an actor's backend ranks at once."""
         rc = self.cfg.ranker
-        concurrent = rc.openai_max_concurrency if rc.backend == "openai" else 1
-        return max(concurrent, math.ceil(len(self._queue) / (2 * rc.max_actors)))
+        return rc.openai_max_concurrency if rc.backend == "openai" else 1
 
     def dispatch(self) -> None:
-        """Grow the pool when the backlog is long, then hand queued chunks to idle actors."""
+        """Grow the pool when the backlog is long, then hand queued chunks to the actors, one round
+        at a time, until each holds :data:`CALLS_PER_ACTOR` (a suspect group goes alone to an actor
+        that holds nothing, and that actor gets nothing more until it is back)."""
         backlog = self.backlog
         while (
             backlog > self.cfg.ranker.scale_up_backlog * self.size and self.size < self.cfg.ranker.max_actors
@@ -143,21 +157,26 @@ class RankerPool:
             name = self._add_actor()
             self.scale_ups += 1
             log.info("ranker pool: %d groups waiting, added %s (%d actors)", backlog, name, self.size)
-        busy = {name for name, _ in self._in_flight.values()}
-        for name, actor in list(self.actors.items()):
-            if name in busy:
-                continue
-            if self._suspects:
-                chunk = [self._suspects.popleft()]
-            elif self._queue:
-                size = self._chunk_size()
-                chunk = [self._queue.popleft() for _ in range(min(size, len(self._queue)))]
-            else:
-                break
-            # The encoder features stay here (no backend reads them): collect() puts them back.
-            sent = [dataclasses.replace(g, visual_features=None) for g in chunk]
-            self._in_flight[actor.rank_chunk.remote(sent)] = (name, chunk)
-            self._idle_since.pop(name, None)
+        held = Counter(name for name, _, _ in self._in_flight.values())
+        alone = {name for name, _, suspect in self._in_flight.values() if suspect}
+        for depth in range(1, CALLS_PER_ACTOR + 1):
+            for name, actor in list(self.actors.items()):
+                if held[name] >= depth or name in alone:
+                    continue
+                suspect = bool(self._suspects) and not held[name]
+                if suspect:
+                    chunk = [self._suspects.popleft()]
+                    alone.add(name)
+                elif self._queue and not self._suspects:  # (with suspects waiting, actors drain)
+                    size = self._chunk_size()
+                    chunk = [self._queue.popleft() for _ in range(min(size, len(self._queue)))]
+                else:
+                    continue
+                # The encoder features stay here (no backend reads them): collect() puts them back.
+                sent = [dataclasses.replace(g, visual_features=None) for g in chunk]
+                self._in_flight[actor.rank_chunk.remote(sent)] = (name, chunk, suspect)
+                held[name] += 1
+                self._idle_since.pop(name, None)
         self.telemetry.set("rlaif_ranker_queue_depth", self.backlog)
         self.telemetry.set("rlaif_ranker_pool_size", self.size)
 
@@ -169,7 +188,7 @@ class RankerPool:
         """The ranked groups of the finished chunk ``ref``. When its actor died, the actor is replaced
         and the chunk queued again (only the groups that reached :data:`MAX_ACTOR_DEATHS` come back,
         with the fallback). Dispatches the next chunks."""
-        name, chunk = self._in_flight.pop(ref)
+        name, chunk, _ = self._in_flight.pop(ref)
         try:
             ranked, counts = ray.get(ref)
         except RayActorError as exc:
@@ -184,19 +203,20 @@ class RankerPool:
         errors = counts.pop("errors", {})
         self.counts.update(counts)
         self.errors.update(errors)
-        if name in self.actors:
+        if name in self.actors and all(n != name for n, _, _ in self._in_flight.values()):
             self._idle_since[name] = time.monotonic()
         self.dispatch()
         self.retire_idle()
         return ranked
 
     def _replace(self, name: str, chunk: list[Group], exc: Exception) -> list[Group]:
-        """Replace the dead actor ``name``; queue its chunk's groups again, one chunk each, except the
-        groups it was the :data:`MAX_ACTOR_DEATHS`-th death of: those are returned with the fallback."""
-        self.actors.pop(name, None)
-        self.restarts += 1
-        self.telemetry.count("rlaif_actor_restarts")
-        self._add_actor()
+        """Replace the dead actor ``name`` (once: its other chunk fails alike); queue its chunk's
+        groups again, one chunk each, except the groups it was the :data:`MAX_ACTOR_DEATHS`-th
+        death of: those are returned with the fallback."""
+        if self.actors.pop(name, None) is not None:
+            self.restarts += 1
+            self.telemetry.count("rlaif_actor_restarts")
+            self._add_actor()
         again, given_up = [], []
         for group in chunk:
             self._deaths[group.group_id] += 1

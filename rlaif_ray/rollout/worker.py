@@ -23,6 +23,7 @@ from rlaif_ray.groups import Group
 from rlaif_ray.logs import setup_logging
 from rlaif_ray.rollout.engine import make_engine
 from rlaif_ray.telemetry import Telemetry
+from rlaif_ray.weights import WeightsMessage
 
 
 class WeightsBehind(RuntimeError):
@@ -120,11 +121,12 @@ class RolloutWorker:
             "paths exist on every node and decode (see the warnings above), or raise the limit."
         )
 
-    def update_weights(self, version: int, state: dict[str, torch.Tensor]) -> int:
-        """Serve weight ``version`` from now on (a no-op when served already); returns the version served."""
+    def update_weights(self, version: int, weights: WeightsMessage) -> int:
+        """Serve weight ``version`` (the learner's export) from now on (a no-op when served
+        already); returns the version served."""
         if version == self.engine.version:
             return version
-        self.engine.load_weights(version, state)
+        self.engine.load_weights(version, weights.tensors())
         self.telemetry.set("rlaif_weight_version", self.engine.version)
         return self.engine.version
 
