@@ -80,6 +80,7 @@ from rlaif_ray.models.policy import POLICY_ADAPTER, VideoLMPolicy  # noqa: E402
 from rlaif_ray.prepare import ensure_data, ensure_model  # noqa: E402
 from rlaif_ray.rollout.engine import HFEngine  # noqa: E402
 from rlaif_ray.rollout.worker import RolloutWorker  # noqa: E402
+from rlaif_ray.telemetry import Telemetry  # noqa: E402
 
 # bench/async.py's name is a keyword: import its helper by name.
 clear_named_actors = importlib.import_module("bench.async").clear_named_actors
@@ -200,6 +201,7 @@ class StandInRollout(RolloutWorker):
     def __init__(self, layers: int, dtype: str, threads: int) -> None:
         torch.set_num_threads(threads)
         self.engine = StandInEngine(layers, dtype)
+        self.telemetry = Telemetry("rollout")
 
     def sample_once(self) -> tuple[int, float]:
         """(version served, the stand-in's forward with the served tensors)."""
