@@ -8,22 +8,22 @@ Groups stream through it: :meth:`RankerPool.submit` queues them, :meth:`RankerPo
 :data:`CALLS_PER_ACTOR` chunks of the queue with every actor (each enough groups to fill its
 backend's concurrent requests, ``ranker.openai_max_concurrency`` for the ``openai`` backend, or a
 fair share of a long queue): an actor never waits for the driver between chunks, and an ``openai``
-actor runs its two chunks at once, so its requests start as earlier ones finish instead of
-draining at the end of each chunk (the backend still holds at most
-``ranker.openai_max_concurrency`` requests in flight). The driver waits on :meth:`RankerPool.in_flight` together with its
-other work and passes each finished reference to :meth:`RankerPool.collect`, which returns that
-chunk's ranked groups. :meth:`RankerPool.rank` does all of that for one list and returns it in order.
-The pool grows by one actor whenever more than ``ranker.scale_up_backlog`` groups per actor wait,
-and retires an actor that has had nothing to do for ``ranker.idle_grace_s`` seconds (down to
-``ranker.min_actors``): a steady backlog keeps every actor busy and the pool at its size, while
-between bursts the idle actors go, and with them the ranker nodes the autoscaler added. Idleness
-is a matter of time, so the driver also calls :meth:`RankerPool.retire_idle` when its wait
-(bounded by :meth:`RankerPool.seconds_to_retirement`) ends with nothing finished. A dead actor is replaced
+actor runs its two chunks at once, so its requests start as earlier ones finish instead of draining
+at the end of each chunk (the backend still holds at most ``ranker.openai_max_concurrency`` requests
+in flight). The driver waits on :meth:`RankerPool.in_flight` together with its other work and passes
+each finished reference to :meth:`RankerPool.collect`, which returns that chunk's ranked groups.
+:meth:`RankerPool.rank` does all of that for one list and returns it in order. The pool grows by one
+actor whenever more than ``ranker.scale_up_backlog`` groups per actor wait, and retires an actor
+that has had nothing to do for ``ranker.idle_grace_s`` seconds (down to ``ranker.min_actors``): a
+steady backlog keeps every actor busy and the pool at its size, while between bursts the idle actors
+go, and with them the ranker nodes the autoscaler added. Idleness is a matter of time, so the driver
+also calls :meth:`RankerPool.retire_idle` when its wait (bounded by
+:meth:`RankerPool.seconds_to_retirement`) ends with nothing finished. A dead actor is replaced
 (counted in ``restarts``) and its groups are ranked again, each in a chunk of its own on an actor
-with nothing else to do, so no group is lost and a group that kills its ranker takes no other
-group down with it; a group whose ranker
-died under it :data:`MAX_ACTOR_DEATHS` times gets the fallback instead, so that it cannot stall
-the run. An actor that cannot even start (its backend's settings) stops the run with the reason.
+with nothing else to do, so no group is lost and a group that kills its ranker takes no other group
+down with it; a group whose ranker died under it :data:`MAX_ACTOR_DEATHS` times gets the fallback
+instead, so that it cannot stall the run. An actor that cannot even start (its backend's settings)
+stops the run with the reason.
 
 :meth:`RankerPool.stats` adds up the workers' counters (:data:`rlaif_ray.ranker.worker.COUNTERS`:
 invalid answers, retries, fallbacks, deadline expiries, ...) chunk by chunk, so they outlive the
