@@ -417,9 +417,10 @@ def report(name: str) -> dict[str, Any]:
         groups.setdefault((arm["task"], arm["method"]), []).append(arm)
     selections = {}
     for key, group in groups.items():
-        if any("lr" in a for a in group):
-            lr, val = chosen_lr(group)
-            groups[key] = [a for a in group if a["lr"] == lr]
+        chosen = [a for a in group if "lr" in a]  # arms run with --lrs (others are left out)
+        if chosen:
+            lr, val = chosen_lr(chosen)
+            groups[key] = [a for a in chosen if a["lr"] == lr]
             selections[key] = {"chosen": lr, "val_second_half": {f"{r:g}": v for r, v in val.items()}}
     table = []
 
