@@ -165,16 +165,18 @@ def label_with_judge(cfg: Config, out: str | Path, batch_size: int = 64) -> dict
     judge = VideoJudgeRanker(RankerConfig(backend="video_judge", judge_path=str(ensure_judge(cfg))))
     answer = greedy_answer_fn(judge.policy, cfg.rollout.max_new_tokens)
     examples = load_jsonl(cfg.data.train, on_error=cfg.data.on_bad_line)
-    store = FrameStore(judge.policy.cfg.num_frames, max_pixels=cfg.data.max_video_pixels)
+    store = FrameStore(judge.policy.cfg.num_frames, capacity=batch_size, max_pixels=cfg.data.max_video_pixels)
     unlabelled = [ex for ex in examples if ex.answer is None]
-    usable = [(ex, store.for_example(ex.video)) for ex in unlabelled]
-    usable = [(ex, frames) for ex, (ok, frames) in usable if ok]
-    for start in range(0, len(usable), batch_size):
-        batch = usable[start : start + batch_size]
-        for (ex, _), text in zip(
-            batch, answer([f for _, f in batch], [ex.question for ex, _ in batch]), strict=True
-        ):
+    judged = 0
+    for start in range(0, len(unlabelled), batch_size):  # decoded a batch at a time, not all at once
+        decoded = [(ex, store.for_example(ex.video)) for ex in unlabelled[start : start + batch_size]]
+        batch = [(ex, frames) for ex, (ok, frames) in decoded if ok]
+        if not batch:
+            continue
+        texts = answer([frames for _, frames in batch], [ex.question for ex, _ in batch])
+        for (ex, _), text in zip(batch, texts, strict=True):
             ex.answer = text
+        judged += len(batch)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = [{key: value for key, value in vars(ex).items() if value is not None} for ex in examples]
@@ -182,8 +184,8 @@ def label_with_judge(cfg: Config, out: str | Path, batch_size: int = 64) -> dict
     return {
         "lines": len(examples),
         "labelled": len(examples) - len(unlabelled),
-        "judge_labelled": len(usable),
-        "bad_video": len(unlabelled) - len(usable),
+        "judge_labelled": judged,
+        "bad_video": len(unlabelled) - judged,
     }
 
 

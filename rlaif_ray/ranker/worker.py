@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 # (no_reference) or of a video that decodes (bad_video); tokens an API server reported
 # (prompt_tokens, completion_tokens); ranked groups with a reference and both right and wrong
 # answers (top1_checked), and of them those whose best-ranked answers are all right
-# (top1_agrees): the Oracle's agreement with the labels, where there are labels. ``errors`` counts failed attempts by exception.
+# (top1_agrees): the Oracle's agreement with the labels, where there are labels. ``errors``
+# counts failed attempts by exception.
 COUNTERS = (
     "groups",
     "ok",
