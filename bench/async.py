@@ -2,7 +2,8 @@
 
     python bench/async.py [key=value ...] [--steps 20] [--staleness 0 1 2]
         [--rankers ground_truth openai] [--seeds 0 1 2] [--judge-seeds 0] [--delay-s 0.2]
-        [--judge-max-inflight 32] [--eval-examples 160] [--quick] [--name NAME]
+        [--judge-max-inflight 32] [--eval-examples 160] [--pin ROLLOUT_CORE LEARNER_CORE]
+        [--quick] [--name NAME]
 
 (config overrides for every arm first: the list options would take them as their values)
 
@@ -27,6 +28,9 @@ steps it weighs on the totals), the first step's time, the mean learner wait per
 lags, and held-out accuracy (greedy exact match, ``rl.eval_examples`` test questions) before and
 after the equal steps; the accuracy comparison is the ``ground_truth`` ranker's, over the seeds.
 No evaluation happens during the run (``rl.eval_every`` > steps) and no intermediate checkpoint.
+``--pin 0 1`` puts the rollout actor on core 0 and the learner on core 1 (one torch thread each)
+in every arm, so that overlapping them does not split the same cores: what stages on nodes of
+their own would see.
 
 The SFT warm start (``sft.output_dir``, reused when finished) is made once, before the first arm,
 and every arm starts from it. All arms share one local Ray instance (started here, as
@@ -77,7 +81,17 @@ def arm_config(args: argparse.Namespace, ranker: str, staleness: int, seed: int,
         f"run_dir=runs/bench_{args.name}/{ranker}-k{staleness}-seed{seed}",
         f"ranker.backend={ranker}",
     ]
-    if staleness > 0 and args.async_threads:
+    if args.pin:
+        # Every arm, the synchronous one too: the rollout on one core and the learner on another,
+        # one torch thread each, as stages on nodes of their own would run.
+        rollout_core, learner_core = args.pin
+        overrides += [
+            f"rollout.cpu_cores=[{rollout_core}]",
+            f"learner.cpu_cores=[{learner_core}]",
+            "rollout.num_threads=1",
+            "learner.num_threads=1",
+        ]
+    elif staleness > 0 and args.async_threads:
         # Rollout and learning run at the same time here: one machine's cores are shared, not
         # taken in turn as the synchronous arm (the config's thread counts) takes them.
         overrides += [
@@ -88,6 +102,7 @@ def arm_config(args: argparse.Namespace, ranker: str, staleness: int, seed: int,
         overrides += [
             f"ranker.openai_base_url={judge_url}",
             "ranker.openai_model=bench-judge",
+            "ranker.openai_frames=0",  # the delayed judge reads text only: no frames to encode
             "ranker.openai_api_key_env=RLAIF_RAY_BENCH_JUDGE_KEY",  # unset: the key "EMPTY"
         ]
     return load_config(args.config, overrides)
@@ -260,6 +275,14 @@ def main() -> None:
         default=1,
         help="rollout/learner torch threads of the arms with max_staleness > 0 (0: the config's)",
     )
+    parser.add_argument(
+        "--pin",
+        type=int,
+        nargs=2,
+        metavar=("ROLLOUT_CORE", "LEARNER_CORE"),
+        help="every arm: the rollout actor on one core, the learner on another, one thread each "
+        "(rollout.cpu_cores / learner.cpu_cores; --async-threads is then unused)",
+    )
     parser.add_argument("--delay-s", type=float, default=0.2, help="the judge's delay per group")
     parser.add_argument("--judge-max-inflight", type=int, default=32)
     parser.add_argument(
@@ -278,7 +301,7 @@ def main() -> None:
             "sft.output_dir=runs/bench_async_quick/sft",
             *args.overrides,
         ]
-    args.name = args.name or ("async_quick" if args.quick else "async")
+    args.name = args.name or ("async_quick" if args.quick else "async") + ("_pinned" if args.pin else "")
     judge_seeds = args.judge_seeds if args.judge_seeds is not None else args.seeds[:1]
 
     plan = [
@@ -304,6 +327,7 @@ def main() -> None:
         "config": args.config,
         "overrides": args.overrides,
         "quick": args.quick,
+        "pin": {"rollout_core": args.pin[0], "learner_core": args.pin[1]} if args.pin else None,
         "steps": args.steps,
         "prompts_per_step": first.rl.prompts_per_step,
         "group_size": first.rl.group_size,

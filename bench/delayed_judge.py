@@ -133,7 +133,10 @@ class DelayedJudge:
                 self._max_in_service = max(self._max_in_service, self._in_service)
             try:
                 time.sleep(self.delay_s)
-                return judge_reply(body["messages"][-1]["content"], self.rule)
+                content = body["messages"][-1]["content"]
+                if isinstance(content, list):  # frames and text: the judge reads the text
+                    content = "\n".join(part["text"] for part in content if part.get("type") == "text")
+                return judge_reply(content, self.rule)
             finally:
                 with self._lock:
                     self._advance()

@@ -138,6 +138,10 @@ class RolloutConfig:
     # torch CPU threads in this process; 0 keeps Ray's default (one per requested CPU). The loop
     # runs rollout and learning in turn, so on a small machine each may use every core.
     num_threads: int = 0
+    # Cores every rollout actor's process runs on (os.sched_setaffinity), empty: anywhere. On one
+    # node this gives the rollout cores of its own, as a node of its own would (Ray's num_cpus
+    # only counts, it pins nothing).
+    cpu_cores: list[int] = field(default_factory=list)
     temperature: float = 1.0
     # Must stay 1.0 for training rollouts: vLLM renormalises log-probs over the nucleus, the
     # learner does not, so top_p < 1 would start every importance ratio below 1 (rejected).
@@ -250,6 +254,9 @@ class LearnerConfig:
     # torch CPU threads in this process and in the SFT task; 0 keeps Ray's default (one per
     # requested CPU). The loop runs rollout and learning in turn: each may use every core.
     num_threads: int = 0
+    # Cores every learner actor's process (and the SFT task) runs on, empty: anywhere; see
+    # rollout.cpu_cores.
+    cpu_cores: list[int] = field(default_factory=list)
     zero_stage: int = 2
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -425,6 +432,16 @@ def validate(cfg: Config) -> Config:
     ]
     for key, value in non_negative:
         _check(value >= 0, key, value, "a value >= 0")
+    for key, cores in (
+        ("rollout.cpu_cores", cfg.rollout.cpu_cores),
+        ("learner.cpu_cores", cfg.learner.cpu_cores),
+    ):
+        _check(
+            all(c >= 0 for c in cores) and len(set(cores)) == len(cores),
+            key,
+            cores,
+            "a list of distinct core numbers >= 0",
+        )
     _check(
         cfg.learner.collective_timeout_s > 0,
         "learner.collective_timeout_s",

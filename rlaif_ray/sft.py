@@ -34,6 +34,7 @@ from rlaif_ray.learner.engine import build_engine, gathered_trainable, init_dist
 from rlaif_ray.logs import setup_logging
 from rlaif_ray.models.policy import VideoLMPolicy
 from rlaif_ray.prepare import ensure_data, ensure_model
+from rlaif_ray.process import configure_cpu
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +138,8 @@ def run_sft(cfg: Config) -> dict[str, Any]:
     out = Path(cfg.sft.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / SFT_STATE).unlink(missing_ok=True)  # unfinished until the new state is written
-    if cfg.learner.num_threads:  # SFT runs in a task with the learner's resources
-        torch.set_num_threads(cfg.learner.num_threads)
+    # SFT runs in a task with the learner's resources.
+    configure_cpu(cfg.learner.num_threads, cfg.learner.cpu_cores, "learner")
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
 

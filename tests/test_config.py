@@ -205,6 +205,8 @@ def test_wrong_type_names_key_value_and_expectation(override: str, key: str, val
         ("ranker.backend=oracle", "ranker.backend", "'oracle'", "'video_judge'"),
         ("ranker.backend=video_judge", "ranker.judge_path", "None", "policy format"),
         ("data.synthetic_label_fraction=1.5", "data.synthetic_label_fraction", "1.5", "[0, 1]"),
+        ("rollout.cpu_cores=[0,0]", "rollout.cpu_cores", "[0, 0]", "distinct core"),
+        ("learner.cpu_cores=[-1]", "learner.cpu_cores", "[-1]", "core numbers >= 0"),
     ],
 )
 def test_impossible_value_names_key_value_and_expectation(override: str, key: str, value: str, expected: str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from test_video import BAD_VIDEOS, make_bad_video
 from rlaif_ray.config import Config
 from rlaif_ray.data.dataset import VideoQAExample, load_jsonl
 from rlaif_ray.data.frames import BadVideoFractionError
+from rlaif_ray.process import configure_cpu
 from rlaif_ray.rollout.worker import RolloutWorker
 from rlaif_ray.weights import WeightsMessage
 
@@ -65,15 +67,25 @@ def test_update_weights_changes_what_is_served(small_config: Config) -> None:
     assert all(torch.equal(served[k], state[k]) for k in state)
 
 
-def test_num_threads_overrides_rays_one_thread_per_cpu(small_config: Config) -> None:
-    """Ray pins an actor's torch to one thread per requested CPU; ``rollout.num_threads`` lifts it."""
+def test_num_threads_and_cpu_cores_set_the_actors_process(small_config: Config) -> None:
+    """Ray pins an actor's torch to one thread per requested CPU; ``rollout.num_threads`` lifts it.
+    ``rollout.cpu_cores`` pins every thread of the actor's process (Ray's own included)."""
+    core = max(os.sched_getaffinity(0))
     small_config.rollout.num_threads = 2
+    small_config.rollout.cpu_cores = [core]
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         actor = ray.remote(RolloutWorker).options(num_cpus=1).remote(small_config, small_config.model.path)
-        assert ray.get(actor.stats.remote())["torch_threads"] == 2
+        stats = ray.get(actor.stats.remote())
+        assert stats["torch_threads"] == 2 and stats["cpu_cores"] == [core]
+        pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+        threads = list(Path(f"/proc/{pid}/task").iterdir())
+        assert len(threads) > 2  # Ray's threads besides the main one
+        assert all(os.sched_getaffinity(int(t.name)) == {core} for t in threads)
     finally:
         ray.shutdown()
+    with pytest.raises(ValueError, match=r"'rollout.cpu_cores' = \[100000\]: cores \[100000\] are not"):
+        configure_cpu(0, [100_000], "rollout")
 
 
 def test_rollout_and_evaluation_skip_and_count_every_kind_of_bad_video(

@@ -38,6 +38,7 @@ from rlaif_ray.learner.engine import (
 )
 from rlaif_ray.logs import setup_logging
 from rlaif_ray.models.policy import ADAPTER_DIR, VideoLMPolicy
+from rlaif_ray.process import configure_cpu
 from rlaif_ray.weights import WeightsMessage
 
 log = logging.getLogger(__name__)
@@ -176,8 +177,7 @@ class LearnerWorker:
     def setup(self, master_addr: str = "127.0.0.1", master_port: int | None = None) -> int:
         """Join the process group, load the policy and build the DeepSpeed engine (all ranks at once)."""
         cfg, lc = self.cfg, self.cfg.learner
-        if lc.num_threads:
-            torch.set_num_threads(lc.num_threads)
+        configure_cpu(lc.num_threads, lc.cpu_cores, "learner")
         torch.manual_seed(cfg.seed)
         init_distributed(
             lc.backend, self.rank, self.world_size, master_addr, master_port, lc.collective_timeout_s

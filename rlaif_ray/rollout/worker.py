@@ -21,6 +21,7 @@ from rlaif_ray.data.frames import BadVideoFractionError, FrameStore
 from rlaif_ray.evaluate import evaluate
 from rlaif_ray.groups import Group
 from rlaif_ray.logs import setup_logging
+from rlaif_ray.process import configure_cpu
 from rlaif_ray.rollout.engine import make_engine
 from rlaif_ray.telemetry import Telemetry
 from rlaif_ray.weights import WeightsMessage
@@ -37,8 +38,7 @@ class RolloutWorker:
         setup_logging(cfg.log_level)
         self.cfg = cfg
         self.rank = rank
-        if cfg.rollout.num_threads:
-            torch.set_num_threads(cfg.rollout.num_threads)
+        configure_cpu(cfg.rollout.num_threads, cfg.rollout.cpu_cores, "rollout")
         torch.manual_seed(cfg.seed * 1000 + rank)
         self.engine = make_engine(cfg, model_dir)
         self._incarnation = f"{os.getpid()}-{time.time_ns()}"
@@ -164,6 +164,7 @@ class RolloutWorker:
         return {
             "groups_sampled": self.groups_sampled,
             "torch_threads": torch.get_num_threads(),
+            "cpu_cores": sorted(os.sched_getaffinity(0)),
             "skipped_videos": self.store.skipped_videos,
             "skipped_videos_by_reason": self.store.skipped_by_reason,
             "prompts_bad_video": self.prompts_bad_video,
