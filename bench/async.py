@@ -58,9 +58,10 @@ import ray  # noqa: E402
 
 from bench.common import print_table, write_result  # noqa: E402
 from bench.delayed_judge import start_delayed_judge  # noqa: E402
-from rlaif_ray.config import Config, load_config  # noqa: E402
-from rlaif_ray.launch import init_ray, run, warm_start, with_absolute_paths  # noqa: E402
-from rlaif_ray.prepare import ensure_data, ensure_model  # noqa: E402
+from rlaif_ray.config import Config, load_config, with_absolute_paths  # noqa: E402
+from rlaif_ray.data.synthetic import ensure_data  # noqa: E402
+from rlaif_ray.launch import init_ray, run, warm_start  # noqa: E402
+from rlaif_ray.models.tiny import ensure_model  # noqa: E402
 
 RANKERS = ("ground_truth", "openai")
 

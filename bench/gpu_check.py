@@ -10,7 +10,9 @@ It drives the plain classes that the Ray actors wrap, in one process, on small s
 1. ``env``: versions, the GPU's name, DeepSpeed's accelerator; no module imports ray or vllm.
 2. ``data``/``model``: a few dozen synthetic videos and the tiny model, built into a temp folder.
 3. ``policy``: ``VideoLMPolicy`` moved to the device; the devices and dtypes of its parts; a
-   training forward/backward (the SFT path) and sampling (the rollout path) on the device.
+   training forward/backward (the SFT path), the learner's shared prefix against every answer's
+   full sequence (log-probs and gradients, the dtype's tolerance) and sampling (the rollout
+   path) on the device.
 4. ``sft``: ``run_sft`` through DeepSpeed (world size 1, ``model.dtype``); the loss falls.
 5. ``rl``: ``RolloutWorker`` (transformers engine) samples groups, ``RankerWorker`` ranks them
    with the ground-truth backend, ``LearnerWorker.setup()`` + ``train_step`` a few times; the
@@ -367,6 +369,46 @@ def stage_policy(c: Checker, cfg: Any, args: argparse.Namespace, examples: list)
                 "without_grad": no_grad[:3],
                 "grad_off_device": bad[:3],
                 "frozen_with_grad": frozen_grads[:3],
+            },
+        )
+        policy.zero_grad(set_to_none=True)
+    with c.stage("policy.shared_prefix"):
+        # The learner's shared prefix on the device: two groups (sizes 3 and 2, answers of
+        # different lengths) give the full-sequence log-probs and gradients within the dtype's
+        # tolerance (tests/test_shared_prefix.py checks 1e-5 in float32 on the CPU).
+        sizes = [3, 2]
+        base = [policy.answer_ids(ex.answer) for ex in batch]
+        answers = [base[0], base[0][:1], base[1], base[2], base[3][:2]]
+
+        def logprobs_and_grads(pol: Any, shared: bool) -> tuple[Any, dict[str, Any]]:
+            kwargs: dict[str, Any] = (
+                {"prompts": prompts[:2], "pixels": pixels[:2], "group_sizes": sizes}
+                if shared
+                else {
+                    "prompts": [p for p, n in zip(prompts[:2], sizes, strict=True) for _ in range(n)],
+                    "pixels": pixels[:2].repeat_interleave(torch.tensor(sizes, device=pixels.device), dim=0),
+                }
+            )
+            pol.zero_grad(set_to_none=True)
+            lp, mask, _ = pol.answer_logprobs(answers=answers, **kwargs)
+            sft_loss(lp, mask).backward()
+            grads = {n: p.grad.float().clone() for n, p in pol.named_parameters() if p.grad is not None}
+            return lp.detach().float(), grads
+
+        full, shared = logprobs_and_grads(policy, False), logprobs_and_grads(policy, True)
+        lp_diff = (full[0] - shared[0]).abs().max().item()
+        grad_rel = max(
+            ((full[1][n] - shared[1][n]).norm() / full[1][n].norm().clamp_min(1e-12)).item() for n in full[1]
+        )
+        tol = 1e-4 if want == torch.float32 else 5e-2
+        c.check(
+            "policy.shared_prefix",
+            full[1].keys() == shared[1].keys() and lp_diff <= tol and grad_rel <= tol,
+            {
+                "max_logprob_diff": lp_diff,
+                "max_relative_grad_diff": grad_rel,
+                "tolerance": tol,
+                "tensors": len(full[1]),
             },
         )
         policy.zero_grad(set_to_none=True)

@@ -77,9 +77,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS, print_table, write_result  # noqa: E402
+from rlaif_ray.checkpoint import fingerprint, fingerprint_differences, finished_checkpoint  # noqa: E402
 from rlaif_ray.config import load_config  # noqa: E402
 from rlaif_ray.launch import run  # noqa: E402
-from rlaif_ray.sft import fingerprint, fingerprint_differences, finished_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

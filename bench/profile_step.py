@@ -1,7 +1,8 @@
 """Where one RL step's time goes, and how step time grows with group size, prompts and frames.
 
     python bench/profile_step.py [key=value ...] [--group-sizes 2 5 8] [--prompts 16 32 64]
-        [--frames 4 8 16] [--reps 3] [--threads 1] [--top 15] [--quick] [--name NAME]
+        [--frames 4 8 16] [--reps 3] [--threads 1] [--compare-rounds 2] [--top 15] [--quick]
+        [--name NAME]
 
 (config overrides first: the list options would take them as their values)
 
@@ -31,7 +32,12 @@ follow the load smoothly.
 After one untimed warm-up step, one step runs under cProfile (the functions of ``rlaif_ray``
 by cumulative time, and the ``--top`` functions by their own time), then ``--reps`` unprofiled
 steps give the stage times (median; also the fastest step, this process's CPU seconds and the
-machine's load average: on a shared machine other work slows some steps). Then the sweeps: one
+machine's load average: on a shared machine other work slows some steps). Then the side by side:
+the earlier path (``learner.shared_prefix=false learner.reencode_videos=true``: every answer its
+own prompt + answer sequence, every video decoded and encoded again at the learner) and the
+default, in turn for ``--compare-rounds`` rounds, fresh workers each time, with the fraction of
+LM token positions the shared prefix removes from the batch beside it. Sampling is the same in
+both arms (each prompt prefilled once; that has no switch). Then the sweeps: one
 setting changed at a time from the default (``rl.group_size``, ``rl.prompts_per_step``,
 ``model.num_frames``), every point (the default value's too) with fresh workers, one warm-up step
 and ``--reps`` timed steps. The SFT checkpoint was trained with 8 frames and loads only with 8,
@@ -61,19 +67,25 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from bench.common import print_table, write_result  # noqa: E402
-from rlaif_ray.config import Config, load_config  # noqa: E402
+from bench.common import print_table, token_fraction_removed, write_result  # noqa: E402
+from rlaif_ray.checkpoint import finished_checkpoint  # noqa: E402
+from rlaif_ray.config import Config, load_config, with_absolute_paths  # noqa: E402
 from rlaif_ray.data.dataset import VideoQAExample, load_jsonl  # noqa: E402
 from rlaif_ray.data.frames import FrameStore  # noqa: E402
-from rlaif_ray.launch import with_absolute_paths  # noqa: E402
+from rlaif_ray.data.synthetic import ensure_data  # noqa: E402
 from rlaif_ray.learner.worker import LearnerWorker  # noqa: E402
 from rlaif_ray.logs import setup_logging  # noqa: E402
-from rlaif_ray.prepare import ensure_data, ensure_model  # noqa: E402
+from rlaif_ray.models.tiny import ensure_model  # noqa: E402
 from rlaif_ray.ranker.worker import RankerWorker  # noqa: E402
 from rlaif_ray.rollout.worker import RolloutWorker  # noqa: E402
-from rlaif_ray.sft import finished_checkpoint  # noqa: E402
 
 STAGES = ("decode", "sample", "rank", "learn", "sync")
+# The side by side: the learner before the shared prefix and the rollout's features (every answer
+# its own full sequence; every video decoded and encoded again at the learner), and the default.
+COMPARE = {
+    "earlier": ["learner.shared_prefix=false", "learner.reencode_videos=true"],
+    "default": [],
+}
 
 
 @dataclass
@@ -129,6 +141,7 @@ def step(w: Workers, examples: list[VideoQAExample], number: int) -> dict[str, f
     times["answers"] = float(sum(g.size for g in groups))
     times["answer_tokens"] = float(sum(len(ids) for g in groups for ids in g.completion_ids))
     times["rows_learned"] = stats.get("rows", 0.0)  # answers of groups not all tied
+    times["prefix_removed"] = token_fraction_removed(w.learner, [g for g in groups if g.ranks is not None])
     if stats.get("skipped_step"):
         raise RuntimeError(f"the learner skipped step {number}: {stats}")
     return times
@@ -296,6 +309,42 @@ def print_sweeps(sweeps: dict[str, list[dict[str, Any]]]) -> None:
     )
 
 
+def compare(args: argparse.Namespace, policy_dir: str) -> dict[str, Any]:
+    """The :data:`COMPARE` arms in turn, ``--compare-rounds`` times, each round fresh workers (one
+    warm-up, ``--reps`` timed steps): per arm the medians over every timed step, and the default's
+    speed-up over the earlier path per stage."""
+    steps: dict[str, list[dict[str, float]]] = {name: [] for name in COMPARE}
+    for r in range(args.compare_rounds):
+        for name, overrides in COMPARE.items():
+            print(f"== compare round {r + 1}/{args.compare_rounds}: {name}", flush=True)
+            steps[name] += sweep_point(args, overrides, policy_dir, seed_offset=200 + r)["steps"]
+    arms = {name: {"overrides": COMPARE[name], "median": medians(s), "steps": s} for name, s in steps.items()}
+    before, after = arms["earlier"]["median"], arms["default"]["median"]
+    speedup = {key: before[key] / after[key] for key in (*STAGES, "step") if after[key] > 0}
+    speedup["step_without_decode"] = (before["step"] - before["decode"]) / (after["step"] - after["decode"])
+    return {"rounds": args.compare_rounds, "arms": arms, "speedup": speedup}
+
+
+def print_compare(side: dict[str, Any]) -> None:
+    """Stage medians of both arms and the default's speed-up over the earlier path."""
+    before, after = side["arms"]["earlier"]["median"], side["arms"]["default"]["median"]
+    print(
+        f"\nside by side ({side['rounds']} rounds in turn): the earlier path (learner.shared_prefix=false, "
+        "learner.reencode_videos=true) against the default"
+    )
+    rows = [[key, before[key], after[key], f"{side['speedup'][key]:.2f}x"] for key in (*STAGES, "step")]
+    rows.append(
+        [
+            "step w/o decode",
+            before["step"] - before["decode"],
+            after["step"] - after["decode"],
+            f"{side['speedup']['step_without_decode']:.2f}x",
+        ]
+    )
+    print_table(["stage", "earlier (s)", "default (s)", "speed-up"], rows)
+    print(f"LM token positions the shared prefix removes from each pass: {after['prefix_removed']:.1%}")
+
+
 def main() -> None:
     """Parse the options, profile and time the default step, run the sweeps, write the results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -312,6 +361,12 @@ def main() -> None:
         default=1,
         help="torch threads of the rollout and learner workers (rollout/learner.num_threads); 0: the config's",
     )
+    parser.add_argument(
+        "--compare-rounds",
+        type=int,
+        default=2,
+        help="rounds of the side by side (the earlier path and the default in turn); 0: none",
+    )
     parser.add_argument("--top", type=int, default=15, help="functions listed by their own time")
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 8 prompts, one timed step, 2 points per sweep"
@@ -321,9 +376,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.reps, args.group_sizes, args.prompts, args.frames = 1, [2, 5], [4, 8], [4, 8]
+        args.compare_rounds = min(args.compare_rounds, 1)
         args.overrides = ["rl.prompts_per_step=8", *args.overrides]
-    if args.reps < 1 or args.threads < 0:
-        parser.error("--reps must be at least 1 and --threads at least 0")
+    if args.reps < 1 or args.threads < 0 or args.compare_rounds < 0:
+        parser.error("--reps must be at least 1, --threads and --compare-rounds at least 0")
     if args.threads:
         args.overrides = [
             f"rollout.num_threads={args.threads}",
@@ -371,6 +427,11 @@ def main() -> None:
     print_stage_table("stages of the default step (median)", result["default"]["median"])
     print_profile(result["profile"])
 
+    if args.compare_rounds:
+        result["compare"] = compare(args, policy_dir)
+        write_result(args.name, result)
+        print_compare(result["compare"])
+
     sweeps: dict[str, list[dict[str, Any]]] = {
         "rl.group_size": [],
         "rl.prompts_per_step": [],
@@ -395,6 +456,8 @@ def main() -> None:
     path = write_result(args.name, result)
     print_stage_table("stages of the default step (median)", result["default"]["median"])
     print_profile(result["profile"])
+    if args.compare_rounds:
+        print_compare(result["compare"])
     print_sweeps(sweeps)
     print(f"total {result['total_wall_s']:.0f} s; wrote {path}")
 

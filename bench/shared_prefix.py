@@ -37,16 +37,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import print_table, write_result  # noqa: E402
+from bench.common import print_table, token_fraction_removed, write_result  # noqa: E402
+from rlaif_ray.checkpoint import finished_checkpoint  # noqa: E402
 from rlaif_ray.config import load_config  # noqa: E402
 from rlaif_ray.data.dataset import load_jsonl  # noqa: E402
 from rlaif_ray.data.frames import FrameStore  # noqa: E402
-from rlaif_ray.groups import Group  # noqa: E402
+from rlaif_ray.data.synthetic import ensure_data  # noqa: E402
 from rlaif_ray.learner.worker import LearnerWorker  # noqa: E402
-from rlaif_ray.prepare import ensure_data, ensure_model  # noqa: E402
+from rlaif_ray.models.tiny import ensure_model  # noqa: E402
 from rlaif_ray.ranker.worker import RankerWorker  # noqa: E402
 from rlaif_ray.rollout.worker import RolloutWorker  # noqa: E402
-from rlaif_ray.sft import finished_checkpoint  # noqa: E402
 
 ARMS = {  # (learner.shared_prefix, the rollout's encoder output used)
     "full": (False, False),
@@ -54,18 +54,6 @@ ARMS = {  # (learner.shared_prefix, the rollout's encoder output used)
     "features": (False, True),
     "both": (True, True),
 }
-
-
-def token_fraction_removed(learner: LearnerWorker, groups: list[Group]) -> float:
-    """The fraction of LM token positions per pass that the shared prefix removes from ``groups``."""
-    visual = learner.blank_features.shape[1]
-    full = shared = 0
-    for g in groups:
-        prompt = len(learner.policy.prompt_ids(g.question, video=g.video is not None)) - 1 + visual
-        answers = sum(len(ids) for ids in g.completion_ids)
-        full += g.size * prompt + answers
-        shared += prompt + answers
-    return 1 - shared / full
 
 
 def main() -> None:

@@ -67,12 +67,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import print_table, write_result  # noqa: E402
-from rlaif_ray.config import Config, load_config  # noqa: E402
-from rlaif_ray.launch import init_ray, run, with_absolute_paths  # noqa: E402
+from bench.common import prefix_token_fraction, print_table, write_result  # noqa: E402
+from rlaif_ray.config import Config, load_config, with_absolute_paths  # noqa: E402
+from rlaif_ray.data.dataset import load_jsonl  # noqa: E402
+from rlaif_ray.data.synthetic import ensure_data  # noqa: E402
+from rlaif_ray.launch import init_ray, run  # noqa: E402
 from rlaif_ray.logs import setup_logging  # noqa: E402
 from rlaif_ray.models.policy import VideoInputs, read_policy_spec  # noqa: E402
-from rlaif_ray.prepare import ensure_data, ensure_model  # noqa: E402
+from rlaif_ray.models.tiny import ensure_model  # noqa: E402
 from rlaif_ray.ranker.backends import GroundTruthRanker, RankPrompt  # noqa: E402
 
 # bench/async.py: "async" is a keyword, so the module is reached by name.
@@ -190,6 +192,12 @@ def run_ours(
             },
             "rollout_s": statistics.mean(r["time"]["rollout_s"] * r["groups"] for r in records[w:]),
         },
+        # The limit beside the rate: the LM token positions the shared prefix removes per pass,
+        # from the split's mean prompt length and the measured steps' mean answer length.
+        "prefix_token_fraction": prefix_token_fraction(
+            [args.prompt_tokens_mean],
+            [[statistics.mean(r["answer_tokens_mean"] for r in records[w:])] * args.group_size],
+        ),
         "lag_max": max((lag for r in records for lag in r["group_lags"]), default=0),
         # Answers the learner trained on (all-tied groups carry no signal and are skipped).
         "learned_answers": int(sum(r["learner"].get("rows", 0) for r in records)),
@@ -403,6 +411,7 @@ def print_summary(rows: list[dict[str, Any]], arms: list[dict[str, Any]]) -> Non
             "warm-up s",
             "start-up s",
             "dropped stale",
+            "prefix removes",
         ],
         [
             [
@@ -415,6 +424,7 @@ def print_summary(rows: list[dict[str, Any]], arms: list[dict[str, Any]]) -> Non
                 a["warmup_s"],
                 a.get("startup_s", a.get("startup_and_eval_s")),
                 a["groups"]["dropped_stale"] if "groups" in a else "-",
+                f"{a['prefix_token_fraction']:.1%}" if "prefix_token_fraction" in a else "-",
             ]
             for a in arms
         ],
@@ -532,6 +542,9 @@ def main() -> None:
     args.text_train = text_only_split(base.data.train, data_dir / "train.jsonl")
     args.text_test = text_only_split(base.data.test, data_dir / "test.jsonl")
     steps = dict(zip(args.batches, args.steps, strict=True))
+    inputs = VideoInputs(read_policy_spec(base.model.path), base.model)
+    questions = [e.question for e in load_jsonl(args.text_train)]
+    args.prompt_tokens_mean = statistics.mean(len(inputs.prompt_ids(q, video=False)) for q in questions)
     order = plan(args)
     print(
         f"{len(order)} arms, G={args.group_size}, answers per step {args.batches}, "

@@ -41,11 +41,15 @@ from bench.common import print_table, write_result  # noqa: E402
 from rlaif_ray.config import load_config  # noqa: E402
 from rlaif_ray.data.dataset import load_jsonl  # noqa: E402
 from rlaif_ray.data.frames import FrameStore  # noqa: E402
-from rlaif_ray.data.synthetic import Scene, render  # noqa: E402
+from rlaif_ray.data.synthetic import (  # noqa: E402
+    Scene,
+    ensure_data,  # noqa: E402
+    render,
+)
 from rlaif_ray.data.video import load_frames, write_video  # noqa: E402
 from rlaif_ray.groups import Group  # noqa: E402
 from rlaif_ray.models.policy import VideoLMPolicy  # noqa: E402
-from rlaif_ray.prepare import ensure_data, ensure_model  # noqa: E402
+from rlaif_ray.models.tiny import ensure_model  # noqa: E402
 
 PAPER_TOKENS, PAPER_WIDTH, PAPER_FRAMES, PAPER_SIZE = 626, 1024, 50, 336
 VIT_L_PARAMS, VIT_L_TOKENS = 304e6, 577  # CLIP ViT-L/14 at 336 px: 24 x 24 patches + CLS

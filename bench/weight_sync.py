@@ -67,17 +67,13 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bench.common import print_table, write_result  # noqa: E402
-from rlaif_ray.config import Config, load_config  # noqa: E402
+from rlaif_ray.config import Config, load_config, with_absolute_paths  # noqa: E402
 from rlaif_ray.data.dataset import load_jsonl  # noqa: E402
-from rlaif_ray.launch import (  # noqa: E402
-    start_learners,
-    start_rollouts,
-    warm_start,
-    with_absolute_paths,
-)
+from rlaif_ray.data.synthetic import ensure_data  # noqa: E402
+from rlaif_ray.launch import start_learners, start_rollouts, warm_start  # noqa: E402
 from rlaif_ray.learner.worker import LearnerWorker  # noqa: E402
 from rlaif_ray.models.policy import POLICY_ADAPTER, VideoLMPolicy  # noqa: E402
-from rlaif_ray.prepare import ensure_data, ensure_model  # noqa: E402
+from rlaif_ray.models.tiny import ensure_model  # noqa: E402
 from rlaif_ray.rollout.engine import HFEngine  # noqa: E402
 from rlaif_ray.rollout.worker import RolloutWorker  # noqa: E402
 from rlaif_ray.telemetry import Telemetry  # noqa: E402

@@ -8,6 +8,7 @@ and type against the dataclasses below and validates the values. Any mistake rai
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from rlaif_ray.registry import REGISTRIES
 
 
 class ConfigError(ValueError):
@@ -131,7 +134,8 @@ class JudgeConfig:
 class RolloutConfig:
     """Rollout actors that sample a group of answers per prompt."""
 
-    engine: Literal["hf", "vllm"] = "hf"
+    # A registered rollout engine (rlaif_ray.registry.ROLLOUT_ENGINES): hf (transformers) or vllm.
+    engine: str = "hf"
     num_actors: int = 1
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
@@ -228,15 +232,18 @@ class RankerConfig:
 class AlgoConfig:
     """GRPO_rank: advantage mapping and the clipped, KL-regularised loss."""
 
-    advantage: Literal["dcg", "dcg_std", "linear", "score"] = "dcg"
+    # A registered advantage estimator (rlaif_ray.registry.ADVANTAGES): dcg, dcg_std and linear
+    # take the ranker's orderings, score (plain GRPO) the oracle's scores.
+    advantage: str = "dcg"
     scale_by_std: bool = False
     eps_low: float = 0.2
     eps_high: float = 0.2
     kl_coef: float = 0.02
     # k3 regularises; k1 as a loss term has zero expected gradient on on-policy samples (see kl_k1).
-    kl_estimator: Literal["k1", "k3"] = "k3"
+    kl_estimator: str = "k3"  # a registered KL estimator (rlaif_ray.registry.KL_ESTIMATORS)
     entropy_coef: float = 0.0
-    aggregation: Literal["token_mean", "seq_mean_token_mean"] = "token_mean"
+    # A registered loss aggregation (rlaif_ray.registry.AGGREGATIONS): token_mean, seq_mean_token_mean.
+    aggregation: str = "token_mean"
     # Drop groups whose advantages are all zero (all-tied): they carry no signal.
     skip_tied_groups: bool = True
     # Cap of the truncated importance weight pi_prox / mu of answers sampled by an older weight
@@ -449,15 +456,6 @@ def validate(cfg: Config) -> Config:
         "a number of seconds > 0",
     )
     _check(cfg.rollout.max_restarts >= -1, "rollout.max_restarts", cfg.rollout.max_restarts, "-1 or >= 0")
-    from rlaif_ray.data.synthetic import ALL_TYPES
-
-    types = cfg.data.synthetic_question_types
-    _check(
-        bool(types) and len(set(types)) == len(types) and all(t in ALL_TYPES for t in types),
-        "data.synthetic_question_types",
-        types,
-        f"distinct question types of {ALL_TYPES}",
-    )
     for key in ("synthetic_val_frac", "synthetic_test_frac"):
         value = getattr(cfg.data, key)
         _check(0 <= value < 1, f"data.{key}", value, "a fraction in [0, 1)")
@@ -529,14 +527,15 @@ def validate(cfg: Config) -> Config:
             "(letters, digits, _), not the key itself; put the key in that variable or in a file "
             "named by ranker.openai_api_key_file"
         )
-    from rlaif_ray.ranker.backends import backend_names
-
-    _check(
-        cfg.ranker.backend in backend_names(),
-        "ranker.backend",
-        cfg.ranker.backend,
-        "one of the registered backends: " + ", ".join(repr(n) for n in backend_names()),
-    )
+    flat = flat_keys(cfg.to_dict())
+    for registry in REGISTRIES:
+        value = flat[registry.key]
+        _check(
+            value in registry,
+            registry.key,
+            value,
+            f"a registered {registry.kind}: " + ", ".join(repr(n) for n in registry.names()),
+        )
     if cfg.ranker.backend == "video_judge":
         _check(
             bool(cfg.ranker.judge_path),
@@ -689,3 +688,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except ConfigError as exc:
         where = f" (in {path})" if path is not None else ""
         raise ConfigError(f"{exc}{where}") from None
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """Resolve the config's relative paths against the driver's directory (actors run elsewhere)."""
+    cfg = copy.deepcopy(cfg)
+    for section, key in [
+        ("data", "train"),
+        ("data", "val"),
+        ("data", "test"),
+        ("data", "synthetic_dir"),
+        ("model", "path"),
+        ("sft", "output_dir"),
+        ("ranker", "judge_model_path"),
+        ("ranker", "judge_path"),
+        ("ranker", "openai_api_key_file"),
+        ("judge", "data_dir"),
+    ]:
+        value = getattr(getattr(cfg, section), key)
+        if value:
+            setattr(getattr(cfg, section), key, str(Path(value).absolute()))
+    return cfg

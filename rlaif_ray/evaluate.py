@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from rlaif_ray.answers import normalize_answer, part_accuracy
 from rlaif_ray.config import load_config
 from rlaif_ray.data.dataset import VideoQAExample, load_jsonl
 from rlaif_ray.data.frames import FrameStore
 from rlaif_ray.models.policy import VideoLMPolicy, read_policy_spec
-from rlaif_ray.ranker.backends import normalize_answer, part_accuracy
 
 AnswerFn = Callable[[list[np.ndarray], list[str]], list[str]]
 

@@ -15,13 +15,11 @@ the end, ``curves.png`` (``rlaif_ray.plot``).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import math
 import os
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -31,17 +29,33 @@ import torch
 import yaml
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 
-from rlaif_ray.config import Config, ConfigError, flat_keys, load_config
+from rlaif_ray.checkpoint import (
+    ROLLOUT_RNG,
+    TRAINER_STATE,
+    fingerprint,
+    fingerprint_differences,
+    finished_checkpoint,
+    json_to_tuple,
+    latest_checkpoint,
+    load_trainer_state,
+    resume_point,
+    split_metrics,
+    write_checkpoint,
+)
+from rlaif_ray.config import Config, ConfigError, load_config, with_absolute_paths
 from rlaif_ray.data.dataset import check_data, load_jsonl
+from rlaif_ray.data.synthetic import ensure_data
 from rlaif_ray.groups import Group
 from rlaif_ray.learner.worker import LearnerCollectiveError, LearnerWorker, shard
+from rlaif_ray.ledger import GroupLedger
 from rlaif_ray.logs import ScalarWriter, setup_logging
+from rlaif_ray.models.tiny import ensure_model
 from rlaif_ray.plot import plot_runs
-from rlaif_ray.prepare import ensure_data, ensure_judge, ensure_model
+from rlaif_ray.prepare import ensure_judge
 from rlaif_ray.ranker.backends import backend_class
 from rlaif_ray.ranker.pool import RankerPool
 from rlaif_ray.rollout.worker import RolloutWorker, WeightsBehind
-from rlaif_ray.sft import fingerprint, fingerprint_differences, finished_checkpoint, run_sft
+from rlaif_ray.sft import run_sft
 from rlaif_ray.telemetry import LoopMetrics, Telemetry
 
 log = logging.getLogger(__name__)
@@ -222,40 +236,21 @@ class Trainer:
         self.pool = RankerPool(cfg)
         self.version = 0  # the version the learners hold (and the rollout actors are sent)
         self.state_ref: Any = None  # the object-store copy of that version's weights
-        self.floor = 0  # groups sampled below this version were sampled by rolled-back weights
+        self.ledger = GroupLedger(cfg.rl.max_staleness)  # every sampled group's life and outcome
         self.draws = 0  # sampling requests so far: each draw's groups are ids "<draw>:<example>"
         # rollout ref -> (draw, rollout actor index, the examples asked for)
         self.sampling: dict[Any, tuple[int, int, list[Any]]] = {}
         self.sampling_version: dict[Any, int] = {}  # rollout ref -> the version it samples with
-        self.ready: list[Group] = []  # ranked, waiting for the learner, in arrival order
-        self.order: dict[str, tuple[int, int]] = {}  # group id -> (draw, position): the sampling order
         self.syncs: list[tuple[int, Any]] = []  # (rollout actor index, or -1 for a learner, ref)
         self.sent = [0] * len(self.rollouts)  # the weight version last sent to each rollout actor
         self.deferred: list[tuple[int, int, list[Any]]] = []  # draws to ask again after a restore
         self.incarnations = ray.get([actor.incarnation.remote() for actor in self.rollouts])
         self.empty_draws = 0
-        self.learning = 0  # groups in the learner's update now
         self.step_no = 0  # updates that stand (rolled-back ones are taken off)
         self.updates_left = cfg.rl.steps
-        self.since_checkpoint: list[int] = []  # groups learned by each update since the last checkpoint
         self.checkpoint_step = 0
         self.evals: list[dict[str, Any]] = []
         self.restores: list[dict[str, Any]] = []
-        # Every group sampled ends up learned (of which skipped_tied carried no signal), dropped
-        # (too stale; unranked by the ranker's "drop" fallback; sampled by weights a learner
-        # restore rolled back), rolled back (learned by an update that a restore undid), lost when
-        # the job stopped (resume), or, at the end, unlearned.
-        self.counts = {
-            "sampled": 0,
-            "learned": 0,
-            "skipped_tied": 0,
-            "skipped_nonfinite_updates": 0,
-            "dropped_stale": 0,
-            "dropped_unranked": 0,
-            "dropped_rolled_back": 0,
-            "rolled_back": 0,
-            "lost_at_stop": 0,
-        }
         self.faults = {"rollout_restarts": 0, "learner_restores": 0}
         self.rows_bad_video = 0  # answers the learner dropped because their video failed there
         self.sampled_without_reference = 0  # groups sampled for prompts nobody labelled
@@ -287,12 +282,8 @@ class Trainer:
 
     def in_pipeline(self) -> int:
         """Groups asked of the rollout actors, being ranked, ranked and waiting, or being learned."""
-        return (
-            sum(len(examples) for _, _, examples in [*self.sampling.values(), *self.deferred])
-            + self.pool.pending
-            + len(self.ready)
-            + self.learning
-        )
+        asked = sum(len(examples) for _, _, examples in [*self.sampling.values(), *self.deferred])
+        return asked + self.ledger.live
 
     def sample_ahead(self) -> None:
         """Ask the rollout actors for prompts until the pipeline holds what the bound allows.
@@ -359,15 +350,11 @@ class Trainer:
             self.on_rollout_death(index, exc)
             self.resample(draw, index, examples)
             return None
-        for position, group in enumerate(groups):
-            self.order[group.group_id] = (draw, position)
-        self.counts["sampled"] += len(groups)
         self.sampled_without_reference += sum(g.reference is None for g in groups)
         if groups:
             lag = self.version - min(g.weight_version for g in groups)
             Telemetry("rollout", f"rollout-{index}").set("rlaif_rollout_weight_lag", lag)
-        current = [g for g in groups if not self.rolled_back(g)]
-        self.pool.submit(current)
+        self.pool.submit(self.ledger.sampled(groups, draw))
         return len(groups)
 
     def resample(self, draw: int, index: int, examples: list[Any]) -> None:
@@ -375,51 +362,15 @@ class Trainer:
         ref = self.rollouts[index].rollout.remote(examples, draw, self.sent[index])
         self.sampling[ref], self.sampling_version[ref] = (draw, index, examples), self.sent[index]
 
-    def rolled_back(self, group: Group) -> bool:
-        """Drop (and count) a group sampled by weights that a learner restore undid."""
-        if group.weight_version >= self.floor:
-            return False
-        self.counts["dropped_rolled_back"] += 1
-        self.order.pop(group.group_id, None)
-        return True
-
     def on_ranked(self, ref: Any) -> None:
-        for group in self.pool.collect(ref):
-            if group.ranks is None:  # the ranker's "drop" fallback
-                self.counts["dropped_unranked"] += 1
-                self.order.pop(group.group_id, None)
-            elif not self.rolled_back(group):
-                self.ready.append(group)
+        self.ledger.ranked(self.pool.collect(ref))
 
     def take_batch(self) -> list[Group] | None:
-        """``rl.prompts_per_step`` ranked groups within the staleness bound (oldest first, then in
-        sampling order), or None while too few have arrived. Groups over the bound are dropped."""
-        fresh = []
-        for group in self.ready:
-            if self.version - group.weight_version <= self.cfg.rl.max_staleness:
-                fresh.append(group)
-                continue
-            log.warning("group %s of version %d is too old: dropped", group.group_id, group.weight_version)
-            self.counts["dropped_stale"] += 1
-            self.order.pop(group.group_id, None)
-        self.ready = fresh
-        size = self.cfg.rl.prompts_per_step
-        if len(self.ready) < size:
-            return None
-        # Oldest version first (a group ranked late must not fall behind newer ones and out of
-        # the bound), then in sampling order, so that a run does not depend on ranking times.
-        self.ready.sort(key=lambda g: (g.weight_version, self.order[g.group_id]))
-        batch = self.ready[:size]
-        # A group still being sampled or ranked that this update is its last chance to learn
-        # goes before any newer ready one: wait for it rather than drop it as stale later.
-        oldest = self.oldest_pending_version()
-        last_chance = oldest is not None and self.version + 1 - oldest > self.cfg.rl.max_staleness
-        if last_chance and batch[-1].weight_version > oldest:
-            return None
-        self.ready = self.ready[size:]
-        for group in batch:
-            del self.order[group.group_id]
-        return batch
+        """``rl.prompts_per_step`` ranked groups within the staleness bound, oldest first
+        (:meth:`GroupLedger.take_batch`), or None while too few have arrived."""
+        return self.ledger.take_batch(
+            self.version, self.cfg.rl.prompts_per_step, self.oldest_pending_version()
+        )
 
     def oldest_pending_version(self) -> int | None:
         """The oldest weight version among the groups being sampled or ranked (None if none)."""
@@ -496,46 +447,31 @@ class Trainer:
     # ---- checkpoints, restore and resume
 
     def save(self, name: str) -> str:
-        """Write checkpoint ``checkpoints/<name>`` atomically: every part goes into a temporary
-        folder, renamed when whole. Holds the learners' full state (policy files, DeepSpeed's
-        parameters, optimizer and scheduler, RNGs), the loop's state (``trainer_state.json``: step,
-        versions, counts, the data order's RNG), the rollout actors' sampling RNGs and the config.
-        Only the newest ``rl.keep_checkpoints`` ``step_*`` checkpoints are kept."""
-        root = self.run_dir / "checkpoints"
-        final, tmp = root / name, root / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        ray.get([learner.save_state.remote(str(tmp)) for learner in self.learners])
-        rngs = ray.get([actor.rng_state.remote() for actor in self.rollouts])
-        torch.save(rngs, tmp / "rollout_rng.pt")
-        state = {
-            "step": self.step_no,
-            "version": self.version,
-            "draws": self.draws,
-            "rng": self.rng.getstate(),
-            "counts": self.counts,
-            "faults": self.faults,
-            "in_pipeline": self.in_pipeline(),
-            "rows_bad_video": self.rows_bad_video,
-            "sampled_without_reference": self.sampled_without_reference,
-            "evals": self.evals,
-            "restores": self.restores,
-        }
-        (tmp / TRAINER_STATE).write_text(json.dumps(state))
-        (tmp / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-        if final.exists():  # a step learned again after a restore: the new one replaces it
-            old = root / f".{name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        steps = sorted(checkpoint_steps(root))
-        for step in steps[: max(0, len(steps) - self.cfg.rl.keep_checkpoints)]:
-            shutil.rmtree(root / f"step_{step}")
+        """Write checkpoint ``checkpoints/<name>`` (:mod:`rlaif_ray.checkpoint`): the learners' full
+        state, the rollout actors' sampling RNGs, the loop's state and the config."""
+
+        def write(folder: Path) -> None:
+            ray.get([learner.save_state.remote(str(folder)) for learner in self.learners])
+            torch.save(ray.get([actor.rng_state.remote() for actor in self.rollouts]), folder / ROLLOUT_RNG)
+            state = {
+                "step": self.step_no,
+                "version": self.version,
+                "draws": self.draws,
+                "rng": self.rng.getstate(),
+                "ledger": self.ledger.snapshot(),
+                "faults": self.faults,
+                "rows_bad_video": self.rows_bad_video,
+                "sampled_without_reference": self.sampled_without_reference,
+                "evals": self.evals,
+                "restores": self.restores,
+            }
+            (folder / TRAINER_STATE).write_text(json.dumps(state))
+            (folder / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+
+        final = write_checkpoint(self.run_dir / "checkpoints", name, write, self.cfg.rl.keep_checkpoints)
         if name.startswith("step_"):
-            self.since_checkpoint, self.checkpoint_step = [], self.step_no
+            self.ledger.checkpointed()
+            self.checkpoint_step = self.step_no
         return str(final)
 
     def restore_learners(self, reason: Exception) -> None:
@@ -550,17 +486,17 @@ class Trainer:
                 f"{self.cfg.learner.max_restores}): {reason}"
             ) from reason
         folder = latest_checkpoint(self.run_dir)
-        rolled = sum(self.since_checkpoint)
+        new_version = self.version + 1
+        updates, rolled = self.ledger.roll_back(new_version)
         log.warning(
             "a learner died (%s): restoring every learner from %s; %d update(s) (%d groups) rolled back",
             reason,
             folder or "the warm start",
-            len(self.since_checkpoint),
+            updates,
             rolled,
         )
         stop_actors(self.learners)
         self.learners = start_learners(self.cfg, self.policy_dir)
-        new_version = self.version + 1
         if folder is None:
             ray.get([learner.set_version.remote(new_version) for learner in self.learners])
         else:
@@ -568,15 +504,9 @@ class Trainer:
         self.restores.append(
             {"at_step": self.step_no, "to_step": self.checkpoint_step, "rolled_back_groups": rolled}
         )
-        self.counts["learned"] -= rolled
-        self.counts["rolled_back"] += rolled
-        self.counts["dropped_rolled_back"] += self.learning  # the groups of the update that died
         self.step_no = self.checkpoint_step
         self.updates_left = self.cfg.rl.steps - self.step_no
-        self.since_checkpoint = []
-        self.learning = 0
-        self.version = self.floor = new_version
-        self.ready = [g for g in self.ready if not self.rolled_back(g)]
+        self.version = new_version
         self.syncs = []
         self.sync_weights()
         for draw, index, examples in self.deferred:
@@ -588,33 +518,24 @@ class Trainer:
         the rollout actors' sampling RNGs. Records of later steps in ``metrics.jsonl`` (learned, then
         lost with the stopped job) are taken out and their groups counted as rolled back; the groups
         that were in the pipeline at the stop are counted as lost."""
-        state = json.loads((folder / TRAINER_STATE).read_text())
-        records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-        kept = [r for r in records if r["step"] <= state["step"]]
-        later = [r for r in records if r["step"] > state["step"]]
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self.counts.update(state["counts"])
+        state = load_trainer_state(folder)
+        later = split_metrics(metrics_path, state["step"])
         self.faults.update(state["faults"])
         self.evals, self.restores = state["evals"], state["restores"]
         self.rows_bad_video = state["rows_bad_video"]
         self.sampled_without_reference = state.get("sampled_without_reference", 0)
-        if later:  # the stopped job's counts at its last record, its later updates rolled back
-            last = later[-1]["pipeline"]
-            self.counts.update({k: last[k] for k in self.counts if k in last})
-            self.counts["learned"] = state["counts"]["learned"]
-            self.counts["skipped_tied"] = state["counts"]["skipped_tied"]
-            self.counts["rolled_back"] += sum(r["groups"] for r in later)
-        # Groups sampled and not yet learned or dropped when the job stopped are lost with it.
-        self.counts["lost_at_stop"] += self.counts["sampled"] - sum(self.counts[k] for k in GROUP_OUTCOMES)
         self.rng.setstate(json_to_tuple(state["rng"]))
         self.draws = state["draws"]
         self.step_no = self.checkpoint_step = state["step"]
         self.updates_left = self.cfg.rl.steps - self.step_no
         seen = max([state["version"]] + [r["weight_version"] for r in later])
         self.version = state["version"] if seen == state["version"] else seen + 1
-        self.floor = self.version
+        # The stopped job's updates after the checkpoint are rolled back, what it had live is lost.
+        self.ledger = GroupLedger.resumed(
+            self.cfg.rl.max_staleness, state["ledger"], [r["pipeline"] for r in later], floor=self.version
+        )
         ray.get([learner.load_state.remote(str(folder), self.version) for learner in self.learners])
-        rngs = torch.load(folder / "rollout_rng.pt", weights_only=False)
+        rngs = torch.load(folder / ROLLOUT_RNG, weights_only=False)
         ray.get([a.set_rng_state.remote(rngs[i % len(rngs)]) for i, a in enumerate(self.rollouts)])
         self.sync_weights()
         self.finish_syncs()
@@ -636,21 +557,19 @@ class Trainer:
             lags = [self.version - g.weight_version for g in batch]
             groups_ref = ray.put(batch)
             updates = [learner.train_step.remote(groups_ref) for learner in self.learners]
-            self.learning = len(batch)
             while not self.progress(until=updates):
                 self.sample_ahead()
             learner_stats = ray.get(updates)[0]
         except (RayActorError, LearnersDied, LearnerCollectiveError) as exc:
             self.restore_learners(exc)
             return None
-        self.learning = 0
         self.updates_left -= 1
         self.step_no += 1
-        self.counts["learned"] += len(batch)
-        self.since_checkpoint.append(len(batch))
-        self.counts["skipped_tied"] += int(learner_stats.get("groups_skipped_tied", 0))
+        self.ledger.learned(
+            skipped_tied=int(learner_stats.get("groups_skipped_tied", 0)),
+            skipped_nonfinite=learner_stats.get("skipped_nonfinite", 0) > 0,
+        )
         self.rows_bad_video += int(learner_stats.get("rows_bad_video", 0))
-        self.counts["skipped_nonfinite_updates"] += int(learner_stats.get("skipped_nonfinite", 0) > 0)
         t2 = time.time()
         if not self.finish_syncs():  # the previous update's weights reached every rollout actor
             self.restore_learners(RuntimeError("a learner died while exporting its weights"))
@@ -671,7 +590,7 @@ class Trainer:
             "group_lags": lags,
             "sampled_accuracy": sampled_accuracy(batch),
             "ranker": self.pool.stats(),
-            "pipeline": {**self.counts, "in_flight": self.in_pipeline()},
+            "pipeline": {**self.ledger.snapshot(), "in_flight": self.in_pipeline()},
             "faults": dict(self.faults),
             "learner": learner_stats,
             "time": {
@@ -760,6 +679,7 @@ class Trainer:
             print(
                 f"[rl] test accuracy after RL: {final_test['accuracy']:.3f} (n={final_test['n']})", flush=True
             )
+        self.ledger.end_run()
         final = self.save("final")
         rollout_stats = ray.get([a.stats.remote() for a in self.rollouts])
         summary = {
@@ -780,7 +700,7 @@ class Trainer:
             "wall_s": time.time() - start,
             "rl_wall_s": rl_wall_s,
             "evals": self.evals,
-            "groups": {**self.counts, "unlearned_at_end": self.in_pipeline()},
+            "groups": self.ledger.snapshot(),
             # Groups sampled for prompts without a reference answer (ranked by a judge only).
             "groups_without_reference": self.sampled_without_reference,
             "faults": {**self.faults, "ranker_restarts": self.pool.restarts, "restores": self.restores},
@@ -804,40 +724,6 @@ class Trainer:
             flush=True,
         )
         return summary
-
-
-TRAINER_STATE = "trainer_state.json"
-# What becomes of a sampled group: ``sampled`` = the sum of these + ``unlearned_at_end``.
-GROUP_OUTCOMES = (
-    "learned",
-    "dropped_stale",
-    "dropped_unranked",
-    "dropped_rolled_back",
-    "rolled_back",
-    "lost_at_stop",
-)
-
-
-def checkpoint_steps(root: Path) -> list[int]:
-    """The steps of the whole ``step_<N>`` checkpoints under ``root`` (temporary folders excluded)."""
-    if not root.is_dir():
-        return []
-    return [
-        int(p.name.removeprefix("step_"))
-        for p in root.glob("step_*")
-        if p.name.removeprefix("step_").isdigit() and (p / TRAINER_STATE).is_file()
-    ]
-
-
-def latest_checkpoint(run_dir: Path) -> str | None:
-    """The newest whole ``step_<N>`` checkpoint of a run folder, or None."""
-    steps = checkpoint_steps(run_dir / "checkpoints")
-    return str(run_dir / "checkpoints" / f"step_{max(steps)}") if steps else None
-
-
-def json_to_tuple(value: Any) -> Any:
-    """``random.Random.getstate()`` after a JSON round trip (lists) back to nested tuples."""
-    return tuple(json_to_tuple(v) for v in value) if isinstance(value, list) else value
 
 
 def progress_line(record: dict[str, Any], steps: int, eta_s: float | None = None) -> str:
@@ -881,72 +767,6 @@ def duration(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
-def with_absolute_paths(cfg: Config) -> Config:
-    """Resolve the config's relative paths against the driver's directory (actors run elsewhere)."""
-    cfg = copy.deepcopy(cfg)
-    for section, key in [
-        ("data", "train"),
-        ("data", "val"),
-        ("data", "test"),
-        ("data", "synthetic_dir"),
-        ("model", "path"),
-        ("sft", "output_dir"),
-        ("ranker", "judge_model_path"),
-        ("ranker", "judge_path"),
-        ("ranker", "openai_api_key_file"),
-        ("judge", "data_dir"),
-    ]:
-        value = getattr(getattr(cfg, section), key)
-        if value:
-            setattr(getattr(cfg, section), key, str(Path(value).absolute()))
-    return cfg
-
-
-# Settings a resumed run may change: they decide how long it runs and what it writes, not what
-# it learns.
-RESUMABLE = {
-    "resume",
-    "run_dir",
-    "log_level",
-    "rl.steps",
-    "rl.time_limit_s",
-    "rl.eval_every",
-    "rl.checkpoint_every",
-    "rl.keep_checkpoints",
-    "rollout.max_restarts",
-    "learner.max_restores",
-    "learner.setup_timeout_s",
-}
-
-
-def resume_point(cfg: Config) -> tuple[Path, Path]:
-    """The run folder named by ``resume`` and its newest whole checkpoint; the config must be the
-    one that run was trained with, except for :data:`RESUMABLE` settings."""
-    run_dir = Path(cfg.resume).absolute()
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.is_file():
-        raise ConfigError(f"resume={cfg.resume!r}: {saved_path} does not exist (not a run folder)")
-    saved = flat_keys(with_absolute_paths(load_config(str(saved_path))).to_dict())
-    now = flat_keys(cfg.to_dict())
-    differ = [
-        f"{k}: {saved.get(k)!r} in the run, {now.get(k)!r} now"
-        for k in now
-        if k not in RESUMABLE and saved.get(k) != now.get(k)
-    ]
-    if differ:
-        raise ConfigError(
-            f"resume={cfg.resume!r}: the config differs from the one the run was trained with "
-            f"({saved_path}): " + "; ".join(differ)
-        )
-    folder = latest_checkpoint(run_dir)
-    if folder is None:
-        raise ConfigError(
-            f"resume={cfg.resume!r}: no whole checkpoint under {run_dir / 'checkpoints'} (the run stopped "
-            f"before its first, every rl.checkpoint_every={cfg.rl.checkpoint_every} steps)"
-        )
-    return run_dir, Path(folder)
 
 
 def prepare_run(cfg: Config) -> tuple[Config, Path, Path]:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -33,6 +34,7 @@ class RunCurves:
     records: list[dict[str, Any]]
     # (step, held-out accuracy), step 0 = before RL
     evals: list[tuple[int, float]] = field(default_factory=list)
+    split: str | None = None  # the split evaluated (rl.eval_split), when the run folder says
 
 
 def read_run(run_dir: str | Path, name: str | None = None) -> RunCurves:
@@ -47,13 +49,24 @@ def read_run(run_dir: str | Path, name: str | None = None) -> RunCurves:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             continue  # a run still writing its last line
-    summary_file = folder / "summary.json"
+    summary_file, config_file = folder / "summary.json", folder / "config.yaml"
+    split = None
+    if config_file.is_file():
+        split = (yaml.safe_load(config_file.read_text()) or {}).get("rl", {}).get("eval_split")
     if summary_file.is_file():
         summary = json.loads(summary_file.read_text())
         evals = [(int(e["step"]), float(e["accuracy"])) for e in summary.get("evals", [])]
+        split = summary.get("eval_split", split)
     else:
         evals = [(int(r["step"]), float(r["eval"]["accuracy"])) for r in records if "eval" in r]
-    return RunCurves(name or folder.name, records, evals)
+    return RunCurves(name or folder.name, records, evals, split)
+
+
+def held_out_title(runs: list[RunCurves]) -> str:
+    """The held-out panel's title, naming the split(s) the runs evaluated on."""
+    splits = sorted({run.split for run in runs if run.split})
+    where = f" on {' / '.join(splits)}" if splits else ""
+    return f"held-out accuracy{where} (greedy, exact match)"
 
 
 def _get(record: dict[str, Any], path: str) -> float:
@@ -114,7 +127,7 @@ def draw(runs: Sequence[RunCurves]) -> Figure:
             held_out.plot(steps, acc, "o-", color=colour, label=run.name)
         for ax, _, _, value in line_panels:
             ax.plot(*_series(run, value), ".-", color=colour, label=run.name)
-    held_out.set_title("held-out accuracy (greedy, exact match)")
+    held_out.set_title(held_out_title(runs))
     held_out.set_ylabel("accuracy")
     for ax, title, ylabel, _ in line_panels:
         ax.set_title(title)

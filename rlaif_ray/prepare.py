@@ -21,51 +21,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from rlaif_ray.config import Config, load_config
+from rlaif_ray.config import Config, load_config, with_absolute_paths
 
 log = logging.getLogger(__name__)
-
-
-def ensure_data(cfg: Config) -> None:
-    """Generate the synthetic video-QA task when the configured JSONL files are missing."""
-    paths = [Path(cfg.data.train), Path(cfg.data.val), Path(cfg.data.test)]
-    if all(p.is_file() for p in paths):
-        return
-    if cfg.data.synthetic_dir is None:
-        missing = [str(p) for p in paths if not p.is_file()]
-        raise FileNotFoundError(f"data files {missing} not found and data.synthetic_dir is null")
-    from rlaif_ray.data.synthetic import generate
-
-    log.info("generating %d synthetic videos into %s", cfg.data.synthetic_videos, cfg.data.synthetic_dir)
-    generate(
-        cfg.data.synthetic_dir,
-        cfg.data.synthetic_videos,
-        cfg.data.synthetic_seed,
-        val_frac=cfg.data.synthetic_val_frac,
-        test_frac=cfg.data.synthetic_test_frac,
-        question_types=cfg.data.synthetic_question_types,
-        label_fraction=cfg.data.synthetic_label_fraction,
-    )
-    still_missing = [str(p) for p in paths if not p.is_file()]
-    if still_missing:
-        raise FileNotFoundError(
-            f"data files {still_missing} not found after generating into {cfg.data.synthetic_dir}"
-        )
-
-
-def ensure_model(cfg: Config) -> Path:
-    """The model folder of ``model.path``; the tiny default is built there when missing and allowed."""
-    path = Path(cfg.model.path)
-    if (path / "policy.json").is_file():
-        return path
-    if not cfg.model.build_tiny_if_missing:
-        raise FileNotFoundError(
-            f"model.path {str(path)!r} holds no policy.json and model.build_tiny_if_missing is false"
-        )
-    from rlaif_ray.models.tiny import build_tiny
-
-    log.info("building the tiny default model into %s", path)
-    return build_tiny(path, seed=cfg.seed)
 
 
 JUDGE_STATE = "judge_state.json"
@@ -118,11 +76,12 @@ def measure_judge(cfg: Config, path: Path) -> dict[str, Any]:
     """The judge in ``path`` on the policy's test split (``data.test``): its greedy accuracy, and its
     top-1 ranking accuracy, the share of questions whose reference it ranks first among every
     answer the split gives to questions of that type."""
+    from rlaif_ray.answers import normalize_answer
     from rlaif_ray.config import RankerConfig
     from rlaif_ray.data.dataset import load_jsonl
     from rlaif_ray.data.frames import FrameStore
     from rlaif_ray.evaluate import evaluate, greedy_answer_fn
-    from rlaif_ray.ranker.backends import RankPrompt, normalize_answer
+    from rlaif_ray.ranker.backends import RankPrompt
     from rlaif_ray.ranker.video_judge import VideoJudgeRanker
 
     test = [ex for ex in load_jsonl(cfg.data.test) if ex.answer is not None]
@@ -198,7 +157,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="distill: the JSONL file to write")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_intermixed_args(argv)
-    from rlaif_ray.launch import with_absolute_paths
     from rlaif_ray.logs import setup_logging
 
     cfg = with_absolute_paths(load_config(args.config, args.overrides))

@@ -14,8 +14,6 @@ together, "more SFT for the same time" and "a converged SFT chosen on val" (docs
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -26,72 +24,24 @@ from typing import Any
 
 import torch
 
+from rlaif_ray.checkpoint import SFT_STATE, fingerprint, init_checkpoint
 from rlaif_ray.config import Config, load_config
 from rlaif_ray.data.dataset import VideoQAExample, load_jsonl
 from rlaif_ray.data.frames import FrameStore
+from rlaif_ray.data.synthetic import ensure_data
 from rlaif_ray.evaluate import evaluate, greedy_answer_fn
 from rlaif_ray.learner.engine import build_engine, gathered_trainable, init_distributed
 from rlaif_ray.logs import setup_logging
 from rlaif_ray.models.policy import VideoLMPolicy
-from rlaif_ray.prepare import ensure_data, ensure_model
+from rlaif_ray.models.tiny import ensure_model
 from rlaif_ray.process import configure_cpu
 
 log = logging.getLogger(__name__)
-
-SFT_STATE = "sft_state.json"
 
 
 def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Token-mean negative log-likelihood of the target answers: ``-sum(m * logp) / sum(m)``."""
     return -(logprobs * mask).sum() / mask.sum().clamp(min=1)
-
-
-def fingerprint(cfg: Config, model_dir: str | Path) -> dict[str, Any]:
-    """What an SFT checkpoint depends on: the SFT and model settings, the base model (hash of its
-    small files, size of each file) and the train file (hash of its bytes).
-
-    Settings that do not change the recipe are left out: logging, evaluation cadence, output
-    folder, reuse, and the top-level ``seed``, so that runs of several RL seeds start from one warm
-    start (as the benchmarks do). Two fingerprints are compared key by key
-    (:func:`fingerprint_differences`).
-    """
-    sft = {
-        k: v
-        for k, v in dataclasses.asdict(cfg.sft).items()
-        if k not in ("output_dir", "reuse", "eval_every", "log_every")
-    }
-    files = sorted(p for p in Path(model_dir).rglob("*") if p.is_file())
-    model = hashlib.sha256()
-    for path in files:
-        model.update(f"{path.relative_to(model_dir)}:{path.stat().st_size}".encode())
-        if path.stat().st_size < 1 << 20:  # configs, tokenizer files; weights by size only
-            model.update(path.read_bytes())
-    return {
-        **{f"sft.{k}": v for k, v in sft.items()},
-        **{f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items() if k != "path"},
-        "base model files": model.hexdigest(),
-        "data.train contents": hashlib.sha256(Path(cfg.data.train).read_bytes()).hexdigest(),
-    }
-
-
-def fingerprint_differences(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
-    """``key: saved -> now`` for every setting that differs (everything when nothing was saved)."""
-    if saved is None:
-        return ["no fingerprint saved (a checkpoint made before fingerprints)"]
-    return [
-        f"{key}: {saved.get(key, '(unset)')!r} -> {now.get(key, '(unset)')!r}"
-        for key in sorted(set(saved) | set(now))
-        if saved.get(key) != now.get(key)
-    ]
-
-
-def finished_checkpoint(folder: str | Path) -> dict[str, Any] | None:
-    """The saved SFT state when ``folder`` holds a finished SFT checkpoint, else None."""
-    state = Path(folder) / SFT_STATE
-    if not state.is_file():
-        return None
-    data = json.loads(state.read_text())
-    return data if data.get("finished") else None
 
 
 def training_batch(
@@ -110,18 +60,6 @@ def training_batch(
     if not prompts:
         return None
     return policy.pixels(frames), prompts, answers
-
-
-def init_checkpoint(cfg: Config) -> str | None:
-    """``sft.init_from``, checked: a finished SFT checkpoint other than ``sft.output_dir``."""
-    folder = cfg.sft.init_from
-    if folder is None:
-        return None
-    if Path(folder).resolve() == Path(cfg.sft.output_dir).resolve():
-        raise ValueError(f"sft.init_from = {folder!r} is sft.output_dir: continue into another folder")
-    if finished_checkpoint(folder) is None:
-        raise ValueError(f"sft.init_from = {folder!r}: no finished SFT checkpoint there (no {SFT_STATE})")
-    return folder
 
 
 def save_checkpoint(policy: VideoLMPolicy, out: Path) -> None:

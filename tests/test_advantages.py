@@ -10,15 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rlaif_ray.algo.advantages import (
-    ADVANTAGE_ESTIMATORS,
-    ADVANTAGE_INPUTS,
     advantages_for,
-    get_advantage_fn,
+    estimator_takes,
     rank_advantages,
     ranks_from_orderings,
     register_advantage,
     score_advantages,
 )
+from rlaif_ray.registry import ADVANTAGES
 
 RANK_METHODS = ["dcg", "dcg_std", "linear"]
 PROPERTY_SETTINGS = settings(deadline=None, max_examples=100, derandomize=True)
@@ -290,8 +289,8 @@ def test_unknown_method_lists_known_names() -> None:
         rank_advantages(torch.tensor([[0.0, 1.0]]), "ndcg_nope")
     for name in ("dcg", "dcg_std", "linear", "score", "ndcg_nope"):
         assert name in str(info.value)
-    with pytest.raises(ValueError, match="dcg_std"):
-        get_advantage_fn("nope")
+    with pytest.raises(ValueError, match="algo.advantage = 'nope'.*dcg_std"):
+        advantages_for("nope", ranks=torch.tensor([[0.0, 1.0]]))
 
 
 def test_rank_advantages_refuses_score_method() -> None:
@@ -303,9 +302,9 @@ def test_rank_advantages_refuses_score_method() -> None:
 
 
 def test_registry_contents() -> None:
-    assert {"dcg", "dcg_std", "linear", "score"} <= set(ADVANTAGE_ESTIMATORS)
-    assert ADVANTAGE_INPUTS["score"] == "scores"
-    assert all(ADVANTAGE_INPUTS[m] == "ranks" for m in RANK_METHODS)
+    assert {"dcg", "dcg_std", "linear", "score"} <= set(ADVANTAGES.names())
+    assert estimator_takes("score") == "scores"
+    assert all(estimator_takes(m) == "ranks" for m in RANK_METHODS)
 
 
 def test_register_advantage_adds_a_method_and_refuses_duplicates() -> None:
@@ -322,8 +321,7 @@ def test_register_advantage_adds_a_method_and_refuses_duplicates() -> None:
         with pytest.raises(ValueError, match="already registered"):
             register_advantage(name)(top1)
     finally:
-        del ADVANTAGE_ESTIMATORS[name]
-        del ADVANTAGE_INPUTS[name]
+        ADVANTAGES.unregister(name)
 
 
 # --------------------------------------------------------------------------- scores (plain GRPO)
@@ -389,5 +387,5 @@ def test_advantages_for_needs_the_right_input() -> None:
         advantages_for("dcg", scores=torch.tensor([[1.0, 2.0]]))
     with pytest.raises(ValueError, match="needs scores"):
         advantages_for("score", ranks=torch.tensor([[0.0, 1.0]]))
-    with pytest.raises(ValueError, match="unknown advantage method"):
+    with pytest.raises(ValueError, match="no advantage estimator is registered"):
         advantages_for("nope", ranks=torch.tensor([[0.0, 1.0]]))

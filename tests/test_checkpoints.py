@@ -10,9 +10,10 @@ import pytest
 import ray
 import torch
 
+from rlaif_ray.checkpoint import TRAINER_STATE, checkpoint_steps, latest_checkpoint
 from rlaif_ray.config import Config
 from rlaif_ray.data.dataset import load_jsonl
-from rlaif_ray.launch import TRAINER_STATE, checkpoint_steps, latest_checkpoint, start_learners, warm_start
+from rlaif_ray.launch import start_learners, warm_start
 from rlaif_ray.learner.worker import LearnerWorker
 from rlaif_ray.rollout.worker import RolloutWorker
 

@@ -22,7 +22,8 @@ import yaml
 from test_async import colour_run, records_of
 
 from rlaif_ray.config import Config, load_config
-from rlaif_ray.launch import GROUP_OUTCOMES, run
+from rlaif_ray.launch import run
+from rlaif_ray.ledger import OUTCOMES
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +63,7 @@ def assert_versions_rise(records: list[dict]) -> None:
 def assert_accounted(summary: dict) -> None:
     """Every sampled group is learned, dropped, rolled back, lost with a stopped job or left at the end."""
     groups = summary["groups"]
-    assert groups["sampled"] == sum(groups[k] for k in GROUP_OUTCOMES) + groups["unlearned_at_end"], groups
+    assert groups["sampled"] == sum(groups[k] for k in OUTCOMES), groups
 
 
 def test_rollout_actor_killed_mid_run(small_config: Config, colour_checkpoint: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -110,6 +111,13 @@ def test_versions_keep_the_newest_folders_with_increasing_ids(policy: VideoLMPol
         versions.add(4, state)
     other = AdapterVersions(tmp_path, lora_config(policy), torch.bfloat16, keep=2)
     assert other.dir != versions.dir and other.dir.parent == versions.dir.parent == tmp_path
+    # The engine's folder goes with it: closed, or collected when its process ends.
+    versions.close()
+    assert not versions.dir.exists() and other.dir.is_dir()
+    folder = other.dir
+    del other
+    gc.collect()
+    assert not folder.exists()
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlaif_ray.algo.losses import AGGREGATIONS, KL_ESTIMATORS, aggregate, grpo_loss, kl_penalty
+from rlaif_ray.algo.losses import aggregate, grpo_loss, kl_penalty, loss_denominator
+from rlaif_ray.registry import AGGREGATIONS, KL_ESTIMATORS
 
 LN2 = math.log(2.0)
 
@@ -173,7 +174,7 @@ def test_kl_estimators_by_hand() -> None:
     # k3 = exp(d) - d - 1, d = log ref - log pi: d = -ln2 -> 0.5 + ln2 - 1; d = ln2 -> 2 - ln2 - 1; d = 0 -> 0.
     close(kl_penalty(logp, ref, "k3"), [[0.5 + LN2 - 1.0, 1.0 - LN2, 0.0]])
     close(kl_penalty(logp, ref), [[0.5 + LN2 - 1.0, 1.0 - LN2, 0.0]])  # k3 is the default
-    assert set(KL_ESTIMATORS) >= {"k1", "k3"}
+    assert set(KL_ESTIMATORS.names()) >= {"k1", "k3"}
 
 
 @settings(deadline=None, max_examples=100, derandomize=True)
@@ -192,7 +193,7 @@ def test_k3_is_non_negative_and_finite(a: list[float], b: list[float]) -> None:
 
 def test_unknown_kl_estimator() -> None:
     x = torch.zeros(1, 2)
-    with pytest.raises(ValueError, match="k5.*known: k1, k3"):
+    with pytest.raises(ValueError, match="k5.*registered: k1, k3"):
         kl_penalty(x, x, "k5")
     with pytest.raises(ValueError, match="kl_estimator"):
         grpo_loss(x, x, x, torch.zeros(1), torch.ones(1, 2), kl_coef=0.1, kl_estimator="k5")
@@ -266,7 +267,8 @@ def test_aggregations_by_hand_with_unequal_lengths() -> None:
     close(sm, ((1 + 2 + 3) / 3 + 10 / 1) / 2)  # the empty third sequence is left out
     sm.backward()
     close(values.grad, [[1 / 6] * 3, [0.5, 0.0, 0.0], [0.0] * 3])
-    assert set(AGGREGATIONS) >= {"token_mean", "seq_mean_token_mean"}
+    assert set(AGGREGATIONS.names()) >= {"token_mean", "seq_mean_token_mean"}
+    assert loss_denominator("token_mean") == "tokens" and loss_denominator("seq_mean_token_mean") == "answers"
 
 
 @pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean"])

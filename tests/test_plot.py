@@ -9,12 +9,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 from matplotlib.image import imread
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rlaif_ray.logs import ScalarWriter, flat_scalars
+from rlaif_ray.plot import held_out_title, plot_runs, read_run
 from rlaif_ray.plot import main as plot_main
-from rlaif_ray.plot import plot_runs, read_run
 
 
 def record(step: int, acc: float, loss: float, kl: float, learn_s: float) -> dict[str, Any]:
@@ -80,6 +81,20 @@ def test_read_run_uses_summary_evals_or_the_records(two_runs: tuple[Path, Path],
     assert run.evals == [(2, pytest.approx(0.25))]
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         read_run(tmp_path)
+
+
+def test_the_held_out_panel_names_the_split_evaluated(two_runs: tuple[Path, Path], tmp_path: Path) -> None:
+    a, b = two_runs
+    summary = json.loads((a / "summary.json").read_text())
+    (a / "summary.json").write_text(json.dumps({**summary, "eval_split": "val"}))
+    (b / "config.yaml").write_text(yaml.safe_dump({"rl": {"eval_split": "test"}}))
+    runs = [read_run(a), read_run(b)]
+    assert [run.split for run in runs] == ["val", "test"]
+    assert held_out_title(runs[:1]) == "held-out accuracy on val (greedy, exact match)"
+    assert held_out_title(runs) == "held-out accuracy on test / val (greedy, exact match)"
+    assert held_out_title([read_run(fake_run(tmp_path / "c", [0.1, 0.2], [0.1, 0.1]))]).startswith(
+        "held-out accuracy ("
+    )
 
 
 def orange(image: np.ndarray) -> int:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from rlaif_ray.algo.advantages import ranks_from_orderings
+from rlaif_ray.answers import is_correct, normalize_answer, part_accuracy, token_f1
 from rlaif_ray.config import ConfigError, RankerConfig, load_config
 from rlaif_ray.groups import Group
 from rlaif_ray.ranker import (
@@ -25,12 +26,8 @@ from rlaif_ray.ranker import (
     RankPrompt,
     build_ranking_prompt,
     format_ordering,
-    is_correct,
     make_backend,
-    normalize_answer,
     parse_ordering,
-    part_accuracy,
-    token_f1,
 )
 
 
@@ -124,7 +121,7 @@ def test_ground_truth_scores_and_missing_reference() -> None:
 
 def test_make_backend_by_name() -> None:
     assert isinstance(make_backend(RankerConfig()), GroundTruthRanker)
-    with pytest.raises(ValueError, match="unknown ranker backend 'nope'"):
+    with pytest.raises(ValueError, match="ranker.backend = 'nope': no ranker backend is registered"):
         make_backend(RankerConfig(backend="nope"))  # type: ignore[arg-type]
 
 

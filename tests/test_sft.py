@@ -15,13 +15,14 @@ from typing import Any
 import pytest
 import torch
 
+from rlaif_ray.checkpoint import SFT_STATE, finished_checkpoint
 from rlaif_ray.config import Config, load_config
 from rlaif_ray.data.dataset import load_jsonl
 from rlaif_ray.data.frames import FrameStore
 from rlaif_ray.data.synthetic import ANSWERS_BY_TYPE, QUESTION_TYPES
 from rlaif_ray.evaluate import evaluate, greedy_answer_fn
 from rlaif_ray.models.policy import VideoLMPolicy
-from rlaif_ray.sft import SFT_STATE, finished_checkpoint, run_sft, sft_loss
+from rlaif_ray.sft import run_sft, sft_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "configs" / "default.yaml"

@@ -26,14 +26,14 @@ from typing import Literal
 
 import torch
 
+from rlaif_ray.registry import ADVANTAGES
+
 __all__ = [
-    "ADVANTAGE_ESTIMATORS",
-    "ADVANTAGE_INPUTS",
     "STD_EPS",
     "advantages_for",
     "dcg_advantages",
     "dcg_std_advantages",
-    "get_advantage_fn",
+    "estimator_takes",
     "linear_advantages",
     "rank_advantages",
     "ranks_from_orderings",
@@ -47,46 +47,26 @@ STD_EPS = 1e-6
 AdvantageFn = Callable[[torch.Tensor], torch.Tensor]
 InputKind = Literal["ranks", "scores"]
 
-ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {}
-"""Name -> function mapping a [B, G] tensor (ranks or scores, see ADVANTAGE_INPUTS) to [B, G]."""
-
-ADVANTAGE_INPUTS: dict[str, InputKind] = {}
-"""Name -> what the estimator consumes: ``"ranks"`` (0 = best) or ``"scores"`` (higher = better)."""
-
-_STANDARDISED: set[str] = set()
-
 
 def register_advantage(
     name: str, *, takes: InputKind = "ranks", standardised: bool = False
 ) -> Callable[[AdvantageFn], AdvantageFn]:
-    """Register an advantage estimator under ``name``.
+    """Register an advantage estimator under ``name`` (in :data:`rlaif_ray.registry.ADVANTAGES`).
 
-    ``takes`` says whether the function consumes ranks [B, G] (0 = best) or scores
-    [B, G] (higher = better). ``standardised`` marks estimators whose output is already
-    divided by the group std, so that ``scale_by_std`` does not divide twice.
+    The function maps a [B, G] tensor to [B, G] advantages. ``takes`` says whether it consumes
+    ranks (0 = best; the ranker's orderings) or scores (higher = better; the oracle's scalar
+    scores, which the learner then needs on every group). ``standardised`` marks estimators
+    whose output is already divided by the group std, so that ``scale_by_std`` does not divide
+    twice.
     """
     if takes not in ("ranks", "scores"):
         raise ValueError(f"takes must be 'ranks' or 'scores', got {takes!r}")
-
-    def decorator(fn: AdvantageFn) -> AdvantageFn:
-        if name in ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"advantage estimator {name!r} is already registered")
-        ADVANTAGE_ESTIMATORS[name] = fn
-        ADVANTAGE_INPUTS[name] = takes
-        if standardised:
-            _STANDARDISED.add(name)
-        return fn
-
-    return decorator
+    return ADVANTAGES.register(name, takes=takes, standardised=standardised)
 
 
-def get_advantage_fn(name: str) -> AdvantageFn:
-    """Return the estimator registered as ``name``; ValueError listing the known names otherwise."""
-    try:
-        return ADVANTAGE_ESTIMATORS[name]
-    except KeyError:
-        known = ", ".join(sorted(ADVANTAGE_ESTIMATORS))
-        raise ValueError(f"unknown advantage method {name!r}; known: {known}") from None
+def estimator_takes(name: str) -> InputKind:
+    """What the estimator registered as ``name`` consumes: ``"ranks"`` or ``"scores"``."""
+    return ADVANTAGES.traits(name)["takes"]
 
 
 # --------------------------------------------------------------------------- orderings
@@ -269,14 +249,14 @@ def rank_advantages(ranks: torch.Tensor, method: str = "dcg", scale_by_std: bool
     unknown or score-based method, or ranks that are not 2-D, have G < 2, or lie
     outside [0, G-1].
     """
-    fn = get_advantage_fn(method)
-    if ADVANTAGE_INPUTS[method] != "ranks":
+    fn = ADVANTAGES.get(method)
+    if estimator_takes(method) != "ranks":
         raise ValueError(
             f"advantage method {method!r} takes scores, not ranks; use score_advantages "
             f"or advantages_for({method!r}, scores=...)"
         )
     adv = fn(ranks)
-    if scale_by_std and method not in _STANDARDISED:
+    if scale_by_std and not ADVANTAGES.traits(method)["standardised"]:
         adv = _std_scale(adv.to(torch.float64)).to(adv.dtype)
     return adv
 
@@ -310,17 +290,17 @@ def advantages_for(
     scores: torch.Tensor | None = None,
     scale_by_std: bool = False,
 ) -> torch.Tensor:
-    """The one entry point the config calls by name: ``method`` in ADVANTAGE_ESTIMATORS.
+    """The one entry point the config calls by name: ``method`` registered in
+    :data:`rlaif_ray.registry.ADVANTAGES`.
 
-    Rank methods (``dcg``, ``dcg_std``, ``linear``) need ``ranks``; ``score`` needs
-    ``scores``. ValueError when the needed input is missing or the method is unknown.
+    Estimators that take ranks (``dcg``, ``dcg_std``, ``linear``) need ``ranks``; those that take
+    scores (``score``) need ``scores``. ValueError when the needed input is missing or the method
+    is unknown.
     """
-    get_advantage_fn(method)  # raises on unknown names
-    takes = ADVANTAGE_INPUTS[method]
-    if takes == "ranks":
+    if estimator_takes(method) == "ranks":
         if ranks is None:
             raise ValueError(f"advantage method {method!r} needs ranks=..., got none")
         return rank_advantages(ranks, method=method, scale_by_std=scale_by_std)
     if scores is None:
         raise ValueError(f"advantage method {method!r} needs scores=..., got none")
-    return score_advantages(scores)
+    return ADVANTAGES.get(method)(scores)

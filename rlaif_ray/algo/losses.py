@@ -18,12 +18,13 @@ truncated importance weight of :func:`grpo_loss`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 
+from rlaif_ray.registry import AGGREGATIONS, KL_ESTIMATORS
+
 __all__ = [
-    "AGGREGATIONS",
-    "KL_ESTIMATORS",
     "LOG_RATIO_CLAMP",
     "aggregate",
     "behaviour_weights",
@@ -31,6 +32,7 @@ __all__ = [
     "kl_k1",
     "kl_k3",
     "kl_penalty",
+    "loss_denominator",
     "register_aggregation",
     "register_kl",
     "seq_mean_token_mean",
@@ -43,35 +45,30 @@ LOG_RATIO_CLAMP = 20.0
 KlFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 AggFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-KL_ESTIMATORS: dict[str, KlFn] = {}
-"""Name -> per-token KL(pi || pi_ref) estimator ``fn(logprobs, ref_logprobs) -> [B, T]``."""
-
-AGGREGATIONS: dict[str, AggFn] = {}
-"""Name -> ``fn(values [B, T], mask [B, T]) -> scalar``."""
+Denominator = Literal["tokens", "answers"]
 
 
 def register_kl(name: str) -> Callable[[KlFn], KlFn]:
-    """Register a per-token KL estimator under ``name``."""
-
-    def decorator(fn: KlFn) -> KlFn:
-        if name in KL_ESTIMATORS:
-            raise ValueError(f"KL estimator {name!r} is already registered")
-        KL_ESTIMATORS[name] = fn
-        return fn
-
-    return decorator
+    """Register a per-token KL(pi || pi_ref) estimator ``fn(logprobs, ref_logprobs) -> [B, T]``
+    under ``name`` (in :data:`rlaif_ray.registry.KL_ESTIMATORS`)."""
+    return KL_ESTIMATORS.register(name)
 
 
-def register_aggregation(name: str) -> Callable[[AggFn], AggFn]:
-    """Register a masked aggregation ``[B, T] -> scalar`` under ``name``."""
+def register_aggregation(name: str, *, denominator: Denominator) -> Callable[[AggFn], AggFn]:
+    """Register a masked aggregation ``fn(values [B, T], mask [B, T]) -> scalar`` under ``name``
+    (in :data:`rlaif_ray.registry.AGGREGATIONS`).
 
-    def decorator(fn: AggFn) -> AggFn:
-        if name in AGGREGATIONS:
-            raise ValueError(f"aggregation {name!r} is already registered")
-        AGGREGATIONS[name] = fn
-        return fn
+    ``denominator`` is what the aggregation averages over across a whole batch, ``"tokens"``
+    (every real token weighs the same) or ``"answers"`` (every answer does): the learner weighs
+    each micro-batch's and each rank's loss by its share of it, so that the update equals one
+    pass over the whole batch.
+    """
+    return AGGREGATIONS.register(name, denominator=denominator)
 
-    return decorator
+
+def loss_denominator(aggregation: str) -> Denominator:
+    """What the aggregation registered as ``aggregation`` averages over."""
+    return AGGREGATIONS.traits(aggregation)["denominator"]
 
 
 # --------------------------------------------------------------------------- KL estimators
@@ -104,11 +101,7 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
     """Per-token KL penalty with the named estimator (``k1`` or ``k3``); ValueError for unknown names."""
-    try:
-        fn = KL_ESTIMATORS[estimator]
-    except KeyError:
-        known = ", ".join(sorted(KL_ESTIMATORS))
-        raise ValueError(f"unknown kl_estimator {estimator!r}; known: {known}") from None
+    fn = KL_ESTIMATORS.get(estimator)
     if logprobs.shape != ref_logprobs.shape:
         raise ValueError(
             f"ref_logprobs shape {tuple(ref_logprobs.shape)} != logprobs shape {tuple(logprobs.shape)}"
@@ -125,7 +118,7 @@ def _masked(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, tor
     return torch.where(keep, values, torch.zeros_like(values)), keep.to(values.dtype)
 
 
-@register_aggregation("token_mean")
+@register_aggregation("token_mean", denominator="tokens")
 def token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``sum_{b,t} m_bt v_bt / sum_{b,t} m_bt``: every real token in the batch weighs the same.
 
@@ -135,7 +128,7 @@ def token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return v.sum() / m.sum().clamp_min(1.0)
 
 
-@register_aggregation("seq_mean_token_mean")
+@register_aggregation("seq_mean_token_mean", denominator="answers")
 def seq_mean_token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``mean_{b in S} (sum_t m_bt v_bt / sum_t m_bt)``, S = sequences with at least one real token.
 
@@ -151,11 +144,7 @@ def seq_mean_token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 
 def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean") -> torch.Tensor:
     """Reduce per-token ``values`` [B, T] under ``mask`` [B, T] to a scalar with the named mode."""
-    try:
-        fn = AGGREGATIONS[mode]
-    except KeyError:
-        known = ", ".join(sorted(AGGREGATIONS))
-        raise ValueError(f"unknown aggregation {mode!r}; known: {known}") from None
+    fn = AGGREGATIONS.get(mode)
     if values.dim() != 2 or values.shape != mask.shape:
         raise ValueError(
             f"values and mask must both be [B, T], got {tuple(values.shape)} and {tuple(mask.shape)}"
@@ -210,10 +199,8 @@ def _check_args(
         raise ValueError("ref_logprobs is required when kl_coef > 0")
     if entropy_coef != 0.0 and entropy is None:
         raise ValueError(f"entropy is required when entropy_coef != 0 (got entropy_coef={entropy_coef})")
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {aggregation!r}; known: {', '.join(sorted(AGGREGATIONS))}")
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"unknown kl_estimator {kl_estimator!r}; known: {', '.join(sorted(KL_ESTIMATORS))}")
+    AGGREGATIONS.get(aggregation)  # ValueErrors naming the registered ones
+    KL_ESTIMATORS.get(kl_estimator)
 
 
 def behaviour_weights(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -26,7 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from rlaif_ray.config import Config, ConfigError
 from rlaif_ray.data.dataset import VideoQAExample, save_jsonl
+
+log = logging.getLogger(__name__)
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -225,6 +229,37 @@ def generate(
         paths[split] = out_dir / f"{split}.jsonl"
         save_jsonl(paths[split], [ex for i in sorted(split_videos[split]) for ex in examples_by_video[i]])
     return paths
+
+
+def ensure_data(cfg: Config) -> None:
+    """Generate the synthetic video-QA task when the configured JSONL files are missing."""
+    paths = [Path(cfg.data.train), Path(cfg.data.val), Path(cfg.data.test)]
+    if all(p.is_file() for p in paths):
+        return
+    if cfg.data.synthetic_dir is None:
+        missing = [str(p) for p in paths if not p.is_file()]
+        raise FileNotFoundError(f"data files {missing} not found and data.synthetic_dir is null")
+    types = cfg.data.synthetic_question_types
+    if not types or len(set(types)) != len(types) or not set(types) <= set(ALL_TYPES):
+        raise ConfigError(
+            f"config key 'data.synthetic_question_types' = {types!r}: expected distinct question "
+            f"types of {ALL_TYPES}"
+        )
+    log.info("generating %d synthetic videos into %s", cfg.data.synthetic_videos, cfg.data.synthetic_dir)
+    generate(
+        cfg.data.synthetic_dir,
+        cfg.data.synthetic_videos,
+        cfg.data.synthetic_seed,
+        val_frac=cfg.data.synthetic_val_frac,
+        test_frac=cfg.data.synthetic_test_frac,
+        question_types=cfg.data.synthetic_question_types,
+        label_fraction=cfg.data.synthetic_label_fraction,
+    )
+    still_missing = [str(p) for p in paths if not p.is_file()]
+    if still_missing:
+        raise FileNotFoundError(
+            f"data files {still_missing} not found after generating into {cfg.data.synthetic_dir}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

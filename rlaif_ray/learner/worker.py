@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlaif_ray.algo.advantages import advantages_for
-from rlaif_ray.algo.losses import grpo_loss
+from rlaif_ray.algo.advantages import advantages_for, estimator_takes
+from rlaif_ray.algo.losses import grpo_loss, loss_denominator
 from rlaif_ray.config import Config
 from rlaif_ray.data.frames import FrameStore
 from rlaif_ray.groups import Group
@@ -74,18 +74,19 @@ def group_advantages(groups: list[Group], cfg: Config) -> list[list[float]]:
     for i, g in enumerate(groups):
         by_size.setdefault(g.size, []).append(i)
     for idx in by_size.values():
-        if cfg.algo.advantage == "score":
+        method = cfg.algo.advantage
+        if estimator_takes(method) == "scores":
             missing = [groups[i].group_id for i in idx if groups[i].scores is None]
             if missing:
                 raise ValueError(
-                    f"algo.advantage 'score' needs oracle scores; groups {missing[:3]} have none"
+                    f"algo.advantage {method!r} takes the oracle's scores; groups {missing[:3]} have none"
                 )
             adv = advantages_for(
-                "score", scores=torch.tensor([groups[i].scores for i in idx], dtype=torch.float64)
+                method, scores=torch.tensor([groups[i].scores for i in idx], dtype=torch.float64)
             )
         else:
             adv = advantages_for(
-                cfg.algo.advantage,
+                method,
                 ranks=torch.tensor([groups[i].ranks for i in idx], dtype=torch.float64),
                 scale_by_std=cfg.algo.scale_by_std,
             )
@@ -166,6 +167,10 @@ class LearnerWorker:
         self.version = 0
         self.batch_has_video = False  # whether any row of the current update has a video
         self.batch_encodes = False  # whether any row of it has a video to encode here
+
+    def __repr__(self) -> str:
+        # What the Ray dashboard's Actors view shows for this actor.
+        return f"LearnerWorker(learner-{self.rank} of {self.world_size}, weight version {self.version})"
 
     @staticmethod
     def address() -> tuple[str, int]:
@@ -249,7 +254,9 @@ class LearnerWorker:
             return stats
         algo = self.cfg.algo
         global_count = (
-            sum(len(r.completion_ids) for r in rows) if algo.aggregation == "token_mean" else len(rows)
+            sum(len(r.completion_ids) for r in rows)
+            if loss_denominator(algo.aggregation) == "tokens"
+            else len(rows)
         )
         mine = shard(groups_of_rows, self.rank, self.world_size)
         n_micro = self.n_micro
@@ -352,7 +359,9 @@ class LearnerWorker:
             behaviour_logprobs=None if prox is None else behaviour,
             is_cap=algo.is_cap,
         )
-        local_count = mask.sum().item() if algo.aggregation == "token_mean" else float(len(rows))
+        local_count = (
+            mask.sum().item() if loss_denominator(algo.aggregation) == "tokens" else float(len(rows))
+        )
         # grpo_loss averages over this micro-batch; rescale to the global mean. DeepSpeed divides
         # by the micro-batch count and averages over ranks, which the last two factors undo.
         scale = (local_count / global_count) * n_micro * self.world_size if real else 0.0

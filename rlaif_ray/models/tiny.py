@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 import open_clip
@@ -17,8 +18,11 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from rlaif_ray.config import Config
 from rlaif_ray.data.synthetic import VOCABULARY
 from rlaif_ray.models.policy import POLICY_FILE
+
+log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<video>"]
 TEMPLATE_WORDS = ["question", ":", "answer", "?", ",", "."]
@@ -116,6 +120,19 @@ def ensure_tiny(out: str | Path, seed: int = 0) -> Path:
     if not (out / POLICY_FILE).is_file():
         build_tiny(out, seed=seed)
     return out
+
+
+def ensure_model(cfg: Config) -> Path:
+    """The model folder of ``model.path``; the tiny default is built there when missing and allowed."""
+    path = Path(cfg.model.path)
+    if (path / "policy.json").is_file():
+        return path
+    if not cfg.model.build_tiny_if_missing:
+        raise FileNotFoundError(
+            f"model.path {str(path)!r} holds no policy.json and model.build_tiny_if_missing is false"
+        )
+    log.info("building the tiny default model into %s", path)
+    return build_tiny(path, seed=cfg.seed)
 
 
 def main() -> None:

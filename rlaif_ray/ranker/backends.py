@@ -24,10 +24,8 @@ import base64
 import io
 import logging
 import os
-import re
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ import numpy as np
 import openai
 import torch
 
+from rlaif_ray.answers import normalize_answer, part_accuracy, token_f1
 from rlaif_ray.config import RankerConfig
 from rlaif_ray.ranker.prompting import (
     Ordering,
@@ -43,6 +42,7 @@ from rlaif_ray.ranker.prompting import (
     parse_ordering,
     structured_output_constraint,
 )
+from rlaif_ray.registry import RANKER_BACKENDS
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,12 @@ class RankerBackend(abc.ABC):
     needs_video: bool = False
     needs_reference: bool = False
 
+    @classmethod
+    def concurrency_for(cls, cfg: RankerConfig) -> int:
+        """How many groups one backend built from ``cfg`` ranks at once (its ``concurrency``),
+        known before it is built: the ranker pool sizes its calls by it."""
+        return 1
+
     @abc.abstractmethod
     def rank(self, prompt: RankPrompt, candidates: list[str]) -> Ordering:
         """Order ``candidates`` best first (ties allowed); raise when no ordering can be given."""
@@ -96,84 +102,28 @@ class RankerBackend(abc.ABC):
         return None
 
 
-_BACKENDS: dict[str, Callable[[RankerConfig], RankerBackend]] = {}
-
-
 def register_backend(name: str) -> Callable[[type[RankerBackend]], type[RankerBackend]]:
-    """Class decorator: make a backend buildable as ``ranker.backend: <name>``."""
+    """Class decorator: make a backend buildable as ``ranker.backend: <name>`` (in
+    :data:`rlaif_ray.registry.RANKER_BACKENDS`)."""
 
     def decorator(cls: type[RankerBackend]) -> type[RankerBackend]:
-        if name in _BACKENDS:
-            raise ValueError(f"ranker backend {name!r} is already registered")
         cls.name = name
-        _BACKENDS[name] = cls
-        return cls
+        return RANKER_BACKENDS.register(name)(cls)
 
     return decorator
 
 
-def backend_names() -> list[str]:
-    """The registered backend names (what ``ranker.backend`` may be)."""
-    return sorted(_BACKENDS)
-
-
 def backend_class(name: str) -> type[RankerBackend]:
-    """The backend registered as ``name`` (KeyError when none is)."""
-    return _BACKENDS[name]
+    """The backend registered as ``name`` (ValueError naming the registered ones when none is)."""
+    return RANKER_BACKENDS.get(name)
 
 
 def make_backend(cfg: RankerConfig) -> RankerBackend:
     """Build the backend named by ``cfg.backend``."""
-    try:
-        factory = _BACKENDS[cfg.backend]
-    except KeyError:
-        raise ValueError(
-            f"unknown ranker backend {cfg.backend!r}; known: {', '.join(sorted(_BACKENDS))}"
-        ) from None
-    return factory(cfg)
+    return backend_class(cfg.backend)(cfg)
 
 
 # --------------------------------------------------------------------------- ground truth
-
-_NON_WORD = re.compile(r"[^\w\s]|_")
-
-
-def normalize_answer(text: str) -> str:
-    """Lowercase, punctuation replaced by spaces, runs of whitespace collapsed to one space."""
-    return " ".join(_NON_WORD.sub(" ", text.lower()).split())
-
-
-def token_f1(prediction: str, reference: str) -> float:
-    """Token-overlap F1 of two normalised texts (1.0 when both are empty)."""
-    pred, ref = prediction.split(), reference.split()
-    if not pred or not ref:
-        return float(pred == ref)
-    overlap = sum((Counter(pred) & Counter(ref)).values())
-    if overlap == 0:
-        return 0.0
-    precision, recall = overlap / len(pred), overlap / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
-
-def part_accuracy(prediction: str, reference: str) -> float:
-    """The fraction of parts right, in any order, of two normalised texts (1.0 when both are empty).
-
-    The parts are the words. With ``P`` and ``R`` the multisets of the prediction's and the
-    reference's words, ``part_accuracy = |P ∩ R| / max(|P|, |R|)``: the parts of the reference
-    that the prediction names, over the longer of the two, so that naming extra parts (e.g. every
-    colour at once) costs as much as missing one. It is 1.0 exactly when ``P == R`` (the same
-    words in any order: "red circle up" for "circle up red") and, for a one-word reference,
-    1 / (number of words) when the prediction contains the word, else 0.
-    """
-    pred, ref = prediction.split(), reference.split()
-    if not pred or not ref:
-        return float(pred == ref)
-    return sum((Counter(pred) & Counter(ref)).values()) / max(len(pred), len(ref))
-
-
-def is_correct(prediction: str, reference: str) -> bool:
-    """Exact match of two answers up to normalisation and the order of their parts."""
-    return part_accuracy(normalize_answer(prediction), normalize_answer(reference)) == 1.0
 
 
 @register_backend("ground_truth")
@@ -346,12 +296,16 @@ class OpenAIRanker(RankerBackend):
     decode an ordering line of the group's size (servers other than vLLM may reject the field).
     """
 
+    @classmethod
+    def concurrency_for(cls, cfg: RankerConfig) -> int:
+        return cfg.openai_max_concurrency
+
     def __init__(self, cfg: RankerConfig) -> None:
         self.model = cfg.openai_model
         self.temperature = cfg.openai_temperature
         self.max_retries = cfg.openai_max_retries
         self.backoff_s = cfg.openai_backoff_s
-        self.concurrency = cfg.openai_max_concurrency
+        self.concurrency = self.concurrency_for(cfg)
         self.structured_output = cfg.openai_structured_output
         self.frames = cfg.openai_frames
         self.needs_video = cfg.openai_frames > 0

@@ -6,9 +6,10 @@ nodes when actors are pending and removes them when idle.
 
 Groups stream through it: :meth:`RankerPool.submit` queues them, :meth:`RankerPool.dispatch` keeps
 :data:`CALLS_PER_ACTOR` chunks of the queue with every actor (each enough groups to fill its
-backend's concurrent requests, ``ranker.openai_max_concurrency`` for the ``openai`` backend, or a
-fair share of a long queue): an actor never waits for the driver between chunks, and an ``openai``
-actor runs its two chunks at once, so its requests start as earlier ones finish instead of draining
+backend's concurrent requests, which the backend class declares (``concurrency_for``:
+``ranker.openai_max_concurrency`` for the ``openai`` backend, 1 for the others), or a fair share of
+a long queue): an actor never waits for the driver between chunks, and an actor whose backend
+ranks several groups at once runs its two chunks at once, so its requests start as earlier ones finish instead of draining
 at the end of each chunk (the backend still holds at most ``ranker.openai_max_concurrency`` requests
 in flight). The driver waits on :meth:`RankerPool.in_flight` together with its other work and passes
 each finished reference to :meth:`RankerPool.collect`, which returns that chunk's ranked groups.
@@ -44,6 +45,7 @@ from ray.exceptions import RayActorError
 
 from rlaif_ray.config import Config
 from rlaif_ray.groups import Group
+from rlaif_ray.ranker.backends import backend_class
 from rlaif_ray.ranker.worker import COUNTERS, RankerWorker, apply_fallback
 from rlaif_ray.telemetry import Telemetry
 
@@ -99,6 +101,7 @@ class RankerPool:
             self.cfg.rl.group_size,
             num_frames=self.cfg.model.num_frames,
             max_video_pixels=self.cfg.data.max_video_pixels,
+            log_level=self.cfg.log_level,
         )
         self._idle_since[name] = time.monotonic()
         return name
@@ -143,8 +146,7 @@ class RankerPool:
 
     def _requests_per_actor(self) -> int:
         """How many groups an actor's backend ranks at once."""
-        rc = self.cfg.ranker
-        return rc.openai_max_concurrency if rc.backend == "openai" else 1
+        return backend_class(self.cfg.ranker.backend).concurrency_for(self.cfg.ranker)
 
     def dispatch(self) -> None:
         """Grow the pool when the backlog is long, then hand queued chunks to the actors, one round

@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
+from rlaif_ray.answers import normalize_answer
 from rlaif_ray.config import ModelConfig, RankerConfig
-from rlaif_ray.ranker.backends import RankerBackend, RankPrompt, normalize_answer, register_backend
+from rlaif_ray.ranker.backends import RankerBackend, RankPrompt, register_backend
 from rlaif_ray.ranker.prompting import Ordering
 
 

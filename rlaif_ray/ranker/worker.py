@@ -33,11 +33,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlaif_ray.algo.advantages import ranks_from_orderings
+from rlaif_ray.answers import is_correct
 from rlaif_ray.config import DataConfig, ModelConfig, RankerConfig
 from rlaif_ray.data.frames import FrameStore
 from rlaif_ray.groups import Group
 from rlaif_ray.logs import setup_logging
-from rlaif_ray.ranker.backends import RankerBackend, RankPrompt, is_correct, make_backend
+from rlaif_ray.ranker.backends import RankerBackend, RankPrompt, make_backend
 from rlaif_ray.ranker.prompting import InvalidOrdering, Ordering
 from rlaif_ray.telemetry import Telemetry
 
@@ -112,8 +113,9 @@ class RankerWorker:
         backend: RankerBackend | None = None,
         num_frames: int = ModelConfig.num_frames,
         max_video_pixels: int | None = DataConfig.max_video_pixels,
+        log_level: str | None = None,
     ) -> None:
-        setup_logging()  # the level the driver exported (RankerConfig does not carry it)
+        setup_logging(log_level)  # (None: the level the driver exported to the environment)
         if cfg.fallback not in ("tie", "drop"):
             raise ValueError(f"ranker.fallback must be 'tie' or 'drop', got {cfg.fallback!r}")
         if cfg.group_deadline_s <= 0:
@@ -219,6 +221,11 @@ class RankerWorker:
         for group in ranked:
             self.telemetry.observe("rlaif_ranker_group_latency_s", group.rank_s)
         return ranked, {**dict(grown), "errors": dict(errors - last_errors)}
+
+    def __repr__(self) -> str:
+        # What the Ray dashboard's Actors view shows for this actor.
+        backend = getattr(self, "backend", None)
+        return f"RankerWorker(ranker, backend {backend.name if backend is not None else 'starting'})"
 
     def stats(self) -> dict[str, Any]:
         """Counters since construction (see :data:`COUNTERS`), ``errors`` (failed attempts by

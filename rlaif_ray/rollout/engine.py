@@ -15,6 +15,7 @@ import torch
 
 from rlaif_ray.config import Config
 from rlaif_ray.models.policy import Samples, VideoLMPolicy
+from rlaif_ray.registry import ROLLOUT_ENGINES
 
 
 class RolloutEngine(abc.ABC):
@@ -44,6 +45,7 @@ def torch_device() -> torch.device:
     )
 
 
+@ROLLOUT_ENGINES.register("hf")
 class HFEngine(RolloutEngine):
     """The policy itself, sampling with transformers ``generate`` on :func:`torch_device`."""
 
@@ -67,10 +69,11 @@ class HFEngine(RolloutEngine):
         self.version = version
 
 
-def make_engine(cfg: Config, model_dir: str) -> RolloutEngine:
-    """The engine named by ``rollout.engine``; vLLM is imported only when chosen."""
-    if cfg.rollout.engine == "hf":
-        return HFEngine(cfg, model_dir)
-    from rlaif_ray.rollout.vllm_engine import VLLMEngine
+# Registered by its path: vLLM is imported only when a rollout actor builds that engine.
+ROLLOUT_ENGINES.register_lazy("vllm", "rlaif_ray.rollout.vllm_engine:VLLMEngine")
 
-    return VLLMEngine(cfg, model_dir)
+
+def make_engine(cfg: Config, model_dir: str) -> RolloutEngine:
+    """The engine registered as ``rollout.engine`` (:data:`rlaif_ray.registry.ROLLOUT_ENGINES`),
+    built from ``cfg`` and the policy folder ``model_dir``."""
+    return ROLLOUT_ENGINES.get(cfg.rollout.engine)(cfg, model_dir)

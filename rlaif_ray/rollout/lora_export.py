@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,8 @@ class AdapterVersions:
     share a node), one subfolder ``v{version}`` per version, and keeps the newest ``keep`` of them
     (``keep = max_staleness + 1``: a rollout started under an older version can still be served).
     Each version gets a new integer id, strictly increasing from 1: vLLM needs ``lora_int_id > 0``
-    and caches adapters by id, so a reused id would silently serve stale weights.
+    and caches adapters by id, so a reused id would silently serve stale weights. The folder is
+    removed when the instance is collected or its process exits (not when the process is killed).
     """
 
     def __init__(
@@ -120,6 +122,11 @@ class AdapterVersions:
         self._kept: list[tuple[int, int, Path]] = []  # (version, integer id, folder), oldest first
         self._evicted: list[int] = []
         self._next_id = 1
+        self._remove = weakref.finalize(self, shutil.rmtree, self.dir, ignore_errors=True)
+
+    def close(self) -> None:
+        """Remove this instance's folder and every adapter in it."""
+        self._remove()
 
     def add(self, version: int, state: dict[str, torch.Tensor]) -> tuple[str, int, Path]:
         """Write ``version``; return (adapter name, integer id, folder) to serve it under."""

@@ -133,6 +133,12 @@ class RolloutWorker:
     def version(self) -> int:
         return self.engine.version
 
+    def __repr__(self) -> str:
+        # What the Ray dashboard's Actors view shows for this actor.
+        engine = getattr(self, "engine", None)  # (absent while __init__ builds it)
+        served = f"weight version {engine.version}" if engine is not None else "starting"
+        return f"RolloutWorker(rollout-{self.rank}, {self.cfg.rollout.engine}, {served})"
+
     def incarnation(self) -> str:
         """Differs after every (re)start of this actor's process."""
         return self._incarnation
