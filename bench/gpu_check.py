@@ -463,9 +463,11 @@ def seq_logprobs(learner: Any, groups: list) -> Any:
     """Summed token log-probs [groups, G] of every sampled answer under the learner's policy."""
     import torch
 
-    rows = [(g.video, g.question, ids) for g in groups for ids in g.completion_ids]
+    # Each group brings its video's frozen-encoder output from the rollout (Group.visual_features).
+    rows = [(g.visual_features, g.question, ids) for g in groups for ids in g.completion_ids]
     with torch.no_grad():
-        features = learner._visual_features([video for video, _, _ in rows])
+        device = learner.policy.device
+        features = torch.stack([f for f, _, _ in rows]).to(device)
         prompts = [learner.policy.prompt_ids(question) for _, question, _ in rows]
         logprobs, mask, _ = learner.policy.answer_logprobs(
             None, prompts, [ids for *_, ids in rows], features=features
