@@ -150,9 +150,9 @@ def test_rollout_actor_killed_mid_run(small_config: Config, colour_checkpoint: P
 
 @pytest.mark.parametrize("bound", [0, 1])
 def test_learner_killed_mid_run(small_config: Config, colour_checkpoint: Path, bound: int) -> None:
-    """Every learner is restored from the newest checkpoint (step 2); the updates after it are rolled
-    back and learned again, under versions above every version served before; at bound 1 too,
-    where groups sampled ahead by the rolled-back weights are dropped, never learned."""
+    """Every learner is restored from the newest checkpoint; the updates after it are rolled back
+    and learned again, under versions above every version served before; at bound 1 too, where
+    groups sampled ahead by the rolled-back weights are dropped, never learned."""
     cfg = colour_run(small_config, colour_checkpoint, steps=5)
     cfg.rl.checkpoint_every, cfg.rl.keep_checkpoints = 2, 1
     cfg.rl.max_staleness = bound
@@ -162,13 +162,18 @@ def test_learner_killed_mid_run(small_config: Config, colour_checkpoint: Path, b
     records = records_of(cfg)
     restores = summary["faults"]["restores"]
     assert summary["faults"]["learner_restores"] == 1 and len(restores) == 1
-    assert restores[0]["to_step"] == 2 and restores[0]["at_step"] >= 3
-    rolled_steps = restores[0]["at_step"] - 2
-    assert summary["groups"]["rolled_back"] == rolled_steps * 4 == restores[0]["rolled_back_groups"]
+    # The kill comes once 3 steps are recorded: the newest checkpoint then is step 2's, or step 4's
+    # when the loop (faster at bound 1) got there first.
+    at, to = restores[0]["at_step"], restores[0]["to_step"]
+    assert to in (2, 4) and at >= to, restores
+    assert summary["groups"]["rolled_back"] == (at - to) * 4 == restores[0]["rolled_back_groups"]
     assert summary["steps"] == 5 and summary["groups"]["learned"] == 5 * 4
     assert_versions_rise(records)
-    steps = [r["step"] for r in records]
-    assert steps == [1, 2, *range(3, restores[0]["at_step"] + 1), *range(3, 6)]
+    # Every step up to the kill (one whose checkpoint was being written when it came has no
+    # record), then every step after the checkpoint again.
+    steps, redo = [r["step"] for r in records], list(range(to + 1, 6))
+    assert steps[len(steps) - len(redo) :] == redo, steps
+    assert steps[: len(steps) - len(redo)] in (list(range(1, at + 1)), list(range(1, at))), steps
     assert all(lag <= bound for r in records for lag in r["group_lags"])
     assert_accounted(summary)
     # The newest checkpoint alone is kept (rl.keep_checkpoints=1), whole, with its config.

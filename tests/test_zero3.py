@@ -105,7 +105,8 @@ def test_a_video_that_fails_on_one_learner_only_is_dropped_by_both(default_warm_
     )
     cfg.learner.collective_timeout_s = 120
     cfg.rl = dataclasses.replace(cfg.rl, prompts_per_step=4)
-    groups = RolloutWorker(cfg, cfg.model.path).rollout(load_jsonl(cfg.data.train)[:4], step=1)
+    examples = list({ex.video: ex for ex in load_jsonl(cfg.data.train)}.values())[:4]  # 4 videos
+    groups = RolloutWorker(cfg, cfg.model.path).rollout(examples, step=1)
     for g in groups:
         g.ranks, g.rank_status = [float(r) for r in range(g.size)], "ok"
     lost = groups[1].video
