@@ -93,6 +93,7 @@ RESUMABLE = {
     "rollout.max_restarts",
     "learner.max_restores",
     "learner.setup_timeout_s",
+    "rl.actor_timeout_s",
 }
 
 

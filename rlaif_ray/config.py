@@ -326,6 +326,14 @@ class RLConfig:
     keep_checkpoints: int = 3
     # Stop the loop after this many seconds of RL (0: run all ``steps``).
     time_limit_s: float = 0.0
+    # Seconds any call of the driver's to an actor may take before the actor is taken for stuck
+    # (alive but not answering: a wedged judge client, a deadlocked collective): it is killed and
+    # handled as a crash (restarted or replaced, its work asked again, faults.stuck_* counted).
+    # Size it above the slowest call: a learner update (a 7B step: minutes), an evaluation of
+    # rl.eval_examples questions, a checkpoint save, a rollout actor's share of a step. A ranker
+    # call gets in addition ranker.group_deadline_s per group it ranks in turn (a slow judge
+    # is the ranker's deadline to handle, not this one).
+    actor_timeout_s: float = 600.0
 
 
 @dataclass
@@ -520,6 +528,7 @@ def validate(cfg: Config) -> Config:
     _check(
         cfg.ranker.group_deadline_s > 0, "ranker.group_deadline_s", cfg.ranker.group_deadline_s, "seconds > 0"
     )
+    _check(cfg.rl.actor_timeout_s > 0, "rl.actor_timeout_s", cfg.rl.actor_timeout_s, "seconds > 0")
     _check(cfg.ranker.idle_grace_s >= 0, "ranker.idle_grace_s", cfg.ranker.idle_grace_s, "seconds >= 0")
     if not cfg.ranker.openai_api_key_env.isidentifier():  # the value is not shown: it may be a pasted key
         raise ConfigError(

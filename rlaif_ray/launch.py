@@ -21,6 +21,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +205,10 @@ class LearnersDied(RuntimeError):
     """A learner actor died: the loop restores every learner before it goes on."""
 
 
+class ActorStuck(RuntimeError):
+    """An actor answered nothing within ``rl.actor_timeout_s``: it is killed and handled as dead."""
+
+
 class Trainer:
     """Drives the actors through the GRPO_rank loop and writes the run folder.
 
@@ -241,7 +246,9 @@ class Trainer:
         # rollout ref -> (draw, rollout actor index, the examples asked for)
         self.sampling: dict[Any, tuple[int, int, list[Any]]] = {}
         self.sampling_version: dict[Any, int] = {}  # rollout ref -> the version it samples with
-        self.syncs: list[tuple[int, Any]] = []  # (rollout actor index, or -1 for a learner, ref)
+        # (rollout actor index or -1 for a learner, ref, deadline): the calls a new version waits for
+        self.syncs: list[tuple[int, Any, float]] = []
+        self.due: dict[Any, float] = {}  # sampling request or learner update -> its deadline
         self.sent = [0] * len(self.rollouts)  # the weight version last sent to each rollout actor
         self.deferred: list[tuple[int, int, list[Any]]] = []  # draws to ask again after a restore
         self.incarnations = ray.get([actor.incarnation.remote() for actor in self.rollouts])
@@ -251,7 +258,7 @@ class Trainer:
         self.checkpoint_step = 0
         self.evals: list[dict[str, Any]] = []
         self.restores: list[dict[str, Any]] = []
-        self.faults = {"rollout_restarts": 0, "learner_restores": 0}
+        self.faults = {"rollout_restarts": 0, "learner_restores": 0, "stuck_rollout": 0, "stuck_learner": 0}
         self.rows_bad_video = 0  # answers the learner dropped because their video failed there
         self.sampled_without_reference = 0  # groups sampled for prompts nobody labelled
         self.metrics = LoopMetrics()  # live metrics (Ray dashboard, Prometheus)
@@ -266,19 +273,82 @@ class Trainer:
     def evaluate(self, examples: list[Any] | None = None) -> dict[str, Any]:
         """Held-out accuracy of the served version (rollout-0, greedy) on ``examples`` (default:
         the ``rl.eval_split`` split)."""
+        chosen = self.heldout if examples is None else examples
         while True:
-            try:
-                result = ray.get(
-                    self.rollouts[0].evaluate.remote(self.heldout if examples is None else examples)
-                )
-            except RayActorError as exc:
-                self.on_rollout_death(0, exc)
-                continue
+            result = self.from_rollout(0, lambda actor: actor.evaluate.remote(chosen), "an evaluation")
             if result["version"] == self.sent[0]:
                 if examples is None:
                     Telemetry("rollout", "rollout-0").set("rlaif_heldout_accuracy", result["accuracy"])
                 return result
             self.on_rollout_death(0, WeightsBehind(f"rollout-0 evaluated version {result['version']}"))
+
+    # ---- deadlines: an actor that answers nothing in time is handled as a dead one
+
+    def from_rollout(self, index: int, call: Callable[[Any], Any], what: str) -> Any:
+        """``call(actor)``'s result from rollout actor ``index``, waiting at most
+        ``rl.actor_timeout_s``; an actor that dies or is stuck is restarted (and sent the newest
+        weights) and asked again."""
+        while True:
+            ref = call(self.rollouts[index])
+            try:
+                return ray.get(ref, timeout=self.cfg.rl.actor_timeout_s)
+            except GetTimeoutError:
+                exc: Exception = self.stuck_rollout(index, what)
+            except RayActorError as died:
+                exc = died
+            self.on_rollout_death(index, exc)
+
+    def stuck_rollout(self, index: int, what: str) -> ActorStuck:
+        """Kill rollout actor ``index`` (Ray restarts it), count it, and say so."""
+        self.faults["stuck_rollout"] += 1
+        exc = ActorStuck(
+            f"rollout-{index} answered nothing for {what} within rl.actor_timeout_s={self.cfg.rl.actor_timeout_s:g} s"
+        )
+        log.warning("%s: killed, Ray restarts it", exc)
+        ray.kill(self.rollouts[index], no_restart=False)
+        for ref, (_, i, _) in self.sampling.items():  # they fail with it: no deadline of theirs left
+            if i == index:
+                self.due.pop(ref, None)
+        return exc
+
+    def stuck_learners(self, what: str) -> ActorStuck:
+        """Kill every learner (the loop then restores them from the newest checkpoint), count it."""
+        self.faults["stuck_learner"] += 1
+        exc = ActorStuck(
+            f"the learners finished {what} not within rl.actor_timeout_s={self.cfg.rl.actor_timeout_s:g} s"
+        )
+        log.warning("%s: killed, restoring them", exc)
+        for learner in self.learners:
+            ray.kill(learner)
+        for ref in [r for r in self.due if r not in self.sampling]:  # the updates fail with them
+            del self.due[ref]
+        return exc
+
+    def track(self, ref: Any) -> Any:
+        """Give the call ``ref`` (a sampling request or a learner update) its deadline."""
+        self.due[ref] = time.monotonic() + self.cfg.rl.actor_timeout_s
+        return ref
+
+    def seconds_to_due(self) -> float | None:
+        """Seconds until the first tracked call is due (0: one is past it), None if none is tracked."""
+        return max(0.0, min(self.due.values()) - time.monotonic()) if self.due else None
+
+    def kill_stuck(self) -> None:
+        """Kill the actors of the tracked calls past their deadline and the stuck ranker actors: their
+        calls then fail, and the paths for a dead actor restart or replace them and ask again."""
+        now = time.monotonic()
+        expired = [ref for ref, due in self.due.items() if now > due]
+        if expired:  # (a call that has finished, or failed, is handled as it comes)
+            ready, _ = ray.wait(expired, num_returns=len(expired), timeout=0, fetch_local=False)
+            for ref in expired:
+                if self.due.pop(ref, None) is None or ref in ready:
+                    continue
+                if ref in self.sampling:
+                    draw, index, _ = self.sampling[ref]
+                    self.stuck_rollout(index, f"its sampling request {draw}")
+                else:
+                    self.stuck_learners("an update")
+        self.pool.kill_stuck()
 
     def in_pipeline(self) -> int:
         """Groups asked of the rollout actors, being ranked, ranked and waiting, or being learned."""
@@ -304,7 +374,7 @@ class Trainer:
         for i, actor in enumerate(self.rollouts):
             part = shard(examples, i, n)
             if part:
-                ref = actor.rollout.remote(part, self.draws, self.sent[i])
+                ref = self.track(actor.rollout.remote(part, self.draws, self.sent[i]))
                 self.sampling[ref], self.sampling_version[ref] = (self.draws, i, part), self.sent[i]
 
     def on_rollout_death(self, index: int, exc: Exception) -> None:
@@ -333,7 +403,8 @@ class Trainer:
                 "rollout-%d died (%s): restarted, now sent weight version %d", index, exc, self.version
             )
         if self.state_ref is not None:  # (an actor that holds this version already ignores it)
-            self.syncs.append((index, actor.update_weights.remote(self.version, self.state_ref)))
+            ref = actor.update_weights.remote(self.version, self.state_ref)
+            self.syncs.append((index, ref, time.monotonic() + self.cfg.rl.actor_timeout_s))
             self.sent[index] = self.version
 
     def on_sampled(self, ref: Any) -> int | None:
@@ -341,6 +412,7 @@ class Trainer:
         draw is asked again (its actor was restarted, or lacked the newest weights)."""
         draw, index, examples = self.sampling.pop(ref)
         del self.sampling_version[ref]
+        self.due.pop(ref, None)
         try:
             groups = ray.get(ref)
         except (RayActorError, WeightsBehind) as exc:
@@ -359,7 +431,7 @@ class Trainer:
 
     def resample(self, draw: int, index: int, examples: list[Any]) -> None:
         """Ask rollout actor ``index`` for a draw's prompts again (with the version last sent to it)."""
-        ref = self.rollouts[index].rollout.remote(examples, draw, self.sent[index])
+        ref = self.track(self.rollouts[index].rollout.remote(examples, draw, self.sent[index]))
         self.sampling[ref], self.sampling_version[ref] = (draw, index, examples), self.sent[index]
 
     def on_ranked(self, ref: Any) -> None:
@@ -380,11 +452,14 @@ class Trainer:
     def sync_weights(self) -> None:
         """Learner 0's weights -> object store (one copy) -> every rollout actor, ahead of its next
         sampling request. Every learner takes part in the export (a collective under ZeRO-3)."""
-        self.state_ref, *others = [learner.export_weights.remote() for learner in self.learners]
-        self.syncs = [
-            (i, actor.update_weights.remote(self.version, self.state_ref))
+        exports = [learner.export_weights.remote() for learner in self.learners]
+        self.state_ref = exports[0]
+        due = time.monotonic() + self.cfg.rl.actor_timeout_s
+        # The exports first: a stuck learner must not pass for a stuck rollout actor.
+        self.syncs = [(-1, ref, due) for ref in exports] + [
+            (i, actor.update_weights.remote(self.version, self.state_ref), due)
             for i, actor in enumerate(self.rollouts)
-        ] + [(-1, ref) for ref in others]
+        ]
         self.sent = [self.version] * len(self.rollouts)
 
     def finish_syncs(self) -> bool:
@@ -392,9 +467,20 @@ class Trainer:
         them again once restarted. Returns False when a learner died or its export's collective
         failed."""
         while self.syncs:
-            index, ref = self.syncs.pop(0)
+            index, ref, due = self.syncs.pop(0)
             try:
-                ray.get(ref)
+                # (learner 0's export is the weights: waited for here, not fetched; its errors
+                # reach the rollout actors' calls)
+                done, _ = ray.wait([ref], timeout=max(0.0, due - time.monotonic()), fetch_local=False)
+                if not done:
+                    raise GetTimeoutError
+                if ref is not self.state_ref:
+                    ray.get(ref)
+            except GetTimeoutError:
+                if index < 0:
+                    self.stuck_learners(f"the export of version {self.version}")
+                    return False
+                self.on_rollout_death(index, self.stuck_rollout(index, f"loading version {self.version}"))
             except LearnerCollectiveError as exc:  # the export (a collective) failed
                 log.error("%s", exc)
                 return False
@@ -414,6 +500,7 @@ class Trainer:
     def progress(self, until: list[Any] | None = None) -> bool:
         """Handle the next finished sampling or ranking request, or return True once every reference
         in ``until`` (the learner's update) is done: the rollouts and rankers work meanwhile."""
+        self.kill_stuck()  # (their calls fail now, and are handled below as a dead actor's)
         if until is not None:
             finished, pending = ray.wait(until, num_returns=len(until), timeout=0)
             ray.get(finished)  # a learner whose update failed fails it now, not once every rank is done
@@ -422,8 +509,10 @@ class Trainer:
         waiting = list(self.sampling) + self.pool.in_flight() + (until or [])
         if not waiting:
             raise RuntimeError("nothing is being sampled or ranked, yet no batch is ready")
-        done, _ = ray.wait(waiting, num_returns=1, timeout=self.pool.seconds_to_retirement())
-        if not done:  # an idle ranker actor is due to retire
+        due = [t for t in (self.pool.seconds_to_wait(), self.seconds_to_due()) if t is not None]
+        done, _ = ray.wait(waiting, num_returns=1, timeout=min(due) if due else None)
+        if not done:  # an idle ranker actor is due to retire, or a call is past its deadline
+            self.kill_stuck()
             self.pool.retire_idle()
         elif done[0] in self.sampling:
             returned = self.on_sampled(done[0])
@@ -451,8 +540,18 @@ class Trainer:
         state, the rollout actors' sampling RNGs, the loop's state and the config."""
 
         def write(folder: Path) -> None:
-            ray.get([learner.save_state.remote(str(folder)) for learner in self.learners])
-            torch.save(ray.get([actor.rng_state.remote() for actor in self.rollouts]), folder / ROLLOUT_RNG)
+            saves = [learner.save_state.remote(str(folder)) for learner in self.learners]
+            try:
+                ray.get(saves, timeout=self.cfg.rl.actor_timeout_s)
+            except GetTimeoutError:
+                raise LearnersDied(str(self.stuck_learners(f"saving {name}"))) from None
+            except RayActorError as exc:
+                raise LearnersDied(f"a learner died saving {name}: {exc}") from exc
+            rngs = [
+                self.from_rollout(i, lambda actor: actor.rng_state.remote(), "its RNG state")
+                for i in range(len(self.rollouts))
+            ]
+            torch.save(rngs, folder / ROLLOUT_RNG)
             state = {
                 "step": self.step_no,
                 "version": self.version,
@@ -556,10 +655,14 @@ class Trainer:
             t1 = time.time()
             lags = [self.version - g.weight_version for g in batch]
             groups_ref = ray.put(batch)
-            updates = [learner.train_step.remote(groups_ref) for learner in self.learners]
-            while not self.progress(until=updates):
-                self.sample_ahead()
-            learner_stats = ray.get(updates)[0]
+            updates = [self.track(learner.train_step.remote(groups_ref)) for learner in self.learners]
+            try:
+                while not self.progress(until=updates):
+                    self.sample_ahead()
+                learner_stats = ray.get(updates)[0]
+            finally:
+                for ref in updates:
+                    self.due.pop(ref, None)
         except (RayActorError, LearnersDied, LearnerCollectiveError) as exc:
             self.restore_learners(exc)
             return None
@@ -642,7 +745,11 @@ class Trainer:
                     self.evals.append({"step": step, **record["eval"]})
                     eval_s += time.time() - t
                 if step % cfg.rl.checkpoint_every == 0:
-                    record["checkpoint"] = self.save(f"step_{step}")
+                    try:
+                        record["checkpoint"] = self.save(f"step_{step}")
+                    except LearnersDied as exc:  # (dead or stuck while saving)
+                        self.restore_learners(exc)
+                        continue
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 scalars.write(step, record)
@@ -680,8 +787,17 @@ class Trainer:
                 f"[rl] test accuracy after RL: {final_test['accuracy']:.3f} (n={final_test['n']})", flush=True
             )
         self.ledger.end_run()
-        final = self.save("final")
-        rollout_stats = ray.get([a.stats.remote() for a in self.rollouts])
+        try:
+            final = self.save("final")
+        except LearnersDied as exc:
+            raise RuntimeError(
+                f"{exc}: the final checkpoint was not written; resume={self.run_dir} goes on from the "
+                "newest step checkpoint"
+            ) from exc
+        rollout_stats = [
+            self.from_rollout(i, lambda actor: actor.stats.remote(), "its counters")
+            for i in range(len(self.rollouts))
+        ]
         summary = {
             "eval_split": cfg.rl.eval_split,
             "accuracy_before": before["accuracy"],
@@ -703,7 +819,12 @@ class Trainer:
             "groups": self.ledger.snapshot(),
             # Groups sampled for prompts without a reference answer (ranked by a judge only).
             "groups_without_reference": self.sampled_without_reference,
-            "faults": {**self.faults, "ranker_restarts": self.pool.restarts, "restores": self.restores},
+            "faults": {
+                **self.faults,
+                "ranker_restarts": self.pool.restarts,
+                "stuck_ranker": self.pool.stuck,
+                "restores": self.restores,
+            },
             "ranker": self.pool.stats(),
             "rollout": rollout_stats,
             "bad_inputs": {

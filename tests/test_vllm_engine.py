@@ -155,7 +155,8 @@ def test_new_versions_are_served_and_old_adapters_evicted(engines, colour_exampl
 
 def test_loop_with_vllm_rollouts(synthetic_dir: Path, colour_checkpoint: Path, tmp_path: Path) -> None:
     """A few GRPO_rank steps with vLLM rollout actors: versions advance, every actor serves the
-    learner's latest weights (its greedy answers equal the transformers engine's on them)."""
+    learner's latest weights (its greedy answers equal the transformers engine's on them), and those
+    weights were learned (their greedy answers differ from the warm start's on some prompts)."""
     cfg = vllm_config(
         synthetic_dir,
         colour_checkpoint,
@@ -194,3 +195,8 @@ def test_loop_with_vllm_rollouts(synthetic_dir: Path, colour_checkpoint: Path, t
     frames, questions = inputs(examples, reference.image_size)
     expected = reference.sample(frames, questions, 1, greedy=True).token_ids
     assert served == [expected, expected]
+    # What they serve is learned: the final weights answer some prompts otherwise than the start.
+    wider = [ex for ex in load_jsonl(cfg.data.test) if ex.type == "colour"][:32]
+    frames, questions = inputs(wider, reference.image_size)
+    start = HFEngine(cfg, str(colour_checkpoint)).sample(frames, questions, 1, greedy=True).token_ids
+    assert reference.sample(frames, questions, 1, greedy=True).token_ids != start

@@ -93,3 +93,38 @@ def test_a_collective_that_cannot_complete_fails_naming_the_learner_and_the_upda
             ray.get(learners[0].train_step.remote(groups), timeout=120)
     finally:
         ray.shutdown()
+
+
+def test_a_video_that_fails_on_one_learner_only_is_dropped_by_both(default_warm_start: Config) -> None:
+    """With ``learner.reencode_videos`` each learner decodes the batch's videos itself; one that is
+    unreadable on rank 0's node only must not split the ranks (different rows, different shares,
+    different loss totals, a collective one rank never reaches): both drop its rows and agree."""
+    cfg = dataclasses.replace(default_warm_start)
+    cfg.learner = dataclasses.replace(
+        cfg.learner, zero_stage=3, num_actors=2, num_threads=1, reencode_videos=True
+    )
+    cfg.learner.collective_timeout_s = 120
+    cfg.rl = dataclasses.replace(cfg.rl, prompts_per_step=4)
+    examples = list({ex.video: ex for ex in load_jsonl(cfg.data.train)}.values())[:4]  # 4 videos
+    groups = RolloutWorker(cfg, cfg.model.path).rollout(examples, step=1)
+    for g in groups:
+        g.ranks, g.rank_status = [float(r) for r in range(g.size)], "ok"
+    lost = groups[1].video
+
+    def unreadable_here(learner: LearnerWorker, path: str) -> None:
+        """This learner's store takes ``path`` for unreadable (as on a node that lacks the file)."""
+        from rlaif_ray.data.video import VideoDecodeError
+
+        learner.store.failures[path] = VideoDecodeError(f"{path}: not on this node", "missing")
+
+    ray.init(num_cpus=4, include_dashboard=False)
+    try:
+        learners = start_learners(cfg)
+        ray.get(learners[0].__ray_call__.remote(unreadable_here, lost))
+        stats = ray.get([a.train_step.remote(groups) for a in learners], timeout=600)
+    finally:
+        ray.shutdown()
+    rows = 5 * (len(groups) - 1)
+    assert [s["rows"] for s in stats] == [rows, rows], stats
+    assert [s["rows_bad_video"] for s in stats] == [5.0, 5.0], stats
+    assert [s["version"] for s in stats] == [1, 1] and all(s["skipped_step"] == 0.0 for s in stats)

@@ -239,7 +239,14 @@ class LearnerWorker:
         # Rows whose video the learner must decode but cannot are dropped and counted (the store
         # warns once per video and counts it by reason); rows that bring their encoder features
         # need no decoding here.
-        usable = [r for r in rows if r.visual_features is not None or self.store.for_example(r.video)[0]]
+        keep = [r.visual_features is not None or self.store.for_example(r.video)[0] for r in rows]
+        if self.world_size > 1:
+            # A video may decode on one learner's node and not on another's: every rank keeps the
+            # rows every rank can use, so that all shard the same rows and weigh the same total.
+            agreed = torch.tensor(keep, dtype=torch.int32, device=self.policy.device)
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+            keep = [bool(k) for k in agreed.tolist()]
+        usable = [r for r, k in zip(rows, keep, strict=True) if k]
         stats["rows_bad_video"] = float(len(rows) - len(usable))
         stats["skipped_videos"] = float(self.store.skipped_videos)
         stats.update({f"skipped_videos_{k}": float(n) for k, n in self.store.skipped_by_reason.items()})

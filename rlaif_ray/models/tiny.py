@@ -114,18 +114,10 @@ def build_tiny(
     return out
 
 
-def ensure_tiny(out: str | Path, seed: int = 0) -> Path:
-    """Build the tiny model at ``out`` unless a model folder is already there."""
-    out = Path(out)
-    if not (out / POLICY_FILE).is_file():
-        build_tiny(out, seed=seed)
-    return out
-
-
 def ensure_model(cfg: Config) -> Path:
     """The model folder of ``model.path``; the tiny default is built there when missing and allowed."""
     path = Path(cfg.model.path)
-    if (path / "policy.json").is_file():
+    if (path / POLICY_FILE).is_file():
         return path
     if not cfg.model.build_tiny_if_missing:
         raise FileNotFoundError(

@@ -18,8 +18,10 @@ actor whenever more than ``ranker.scale_up_backlog`` groups per actor wait, and 
 that has had nothing to do for ``ranker.idle_grace_s`` seconds (down to ``ranker.min_actors``): a
 steady backlog keeps every actor busy and the pool at its size, while between bursts the idle actors
 go, and with them the ranker nodes the autoscaler added. Idleness is a matter of time, so the driver
-also calls :meth:`RankerPool.retire_idle` when its wait (bounded by
-:meth:`RankerPool.seconds_to_retirement`) ends with nothing finished. A dead actor is replaced
+also calls :meth:`RankerPool.retire_idle` and :meth:`RankerPool.kill_stuck` when its wait (bounded
+by :meth:`RankerPool.seconds_to_wait`) ends with nothing finished. An actor that finishes no chunk
+within ``rl.actor_timeout_s`` plus ``ranker.group_deadline_s`` per group it ranks in turn is
+stuck (alive, not answering): it is killed (counted in ``stuck``) and handled as dead. A dead actor is replaced
 (counted in ``restarts``) and its groups are ranked again, each in a chunk of its own on an actor
 with nothing else to do, so no group is lost and a group that kills its ranker takes no other group
 down with it; a group whose ranker died under it :data:`MAX_ACTOR_DEATHS` times gets the fallback
@@ -67,6 +69,7 @@ class RankerPool:
         self.scale_ups = 0
         self.scale_downs = 0
         self.restarts = 0
+        self.stuck = 0  # actors killed for answering nothing within their deadline
         self.counts: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self._deaths: Counter[str] = Counter()  # group id -> ranker actors that died ranking it
@@ -75,6 +78,7 @@ class RankerPool:
         # object reference -> (actor name, chunk, whether the chunk is a suspect ranked alone)
         self._in_flight: dict[Any, tuple[str, list[Group], bool]] = {}
         self._idle_since: dict[str, float] = {}  # actor name -> when it last had nothing to do
+        self._busy_since: dict[str, float] = {}  # actor name -> when it last started or finished a chunk
         self.telemetry = Telemetry("ranker", "pool")
         for _ in range(cfg.ranker.min_actors):
             self._add_actor()
@@ -108,7 +112,50 @@ class RankerPool:
 
     def _remove_actor(self, name: str) -> None:
         self._idle_since.pop(name, None)
+        self._busy_since.pop(name, None)
         ray.kill(self.actors.pop(name))
+
+    def _allowance_s(self, name: str) -> float:
+        """How long actor ``name`` may go without finishing a chunk: ``rl.actor_timeout_s`` plus
+        ``ranker.group_deadline_s`` for each group of its largest chunk that it ranks in turn."""
+        rc = self.cfg.ranker
+        largest = max((len(chunk) for n, chunk, _ in self._in_flight.values() if n == name), default=0)
+        turns = math.ceil(largest / max(1, self._requests_per_actor()))
+        return self.cfg.rl.actor_timeout_s + turns * rc.group_deadline_s
+
+    def seconds_to_deadline(self) -> float | None:
+        """Seconds until the first busy actor misses its deadline (0: one has), None if none is busy."""
+        now = time.monotonic()
+        left = [since + self._allowance_s(name) - now for name, since in self._busy_since.items()]
+        return max(0.0, min(left)) if left else None
+
+    def kill_stuck(self) -> list[str]:
+        """Kill every actor that has finished no chunk within its deadline (alive but stuck: a
+        wedged client, a stopped process); its chunks then fail and :meth:`collect` replaces it
+        and ranks them again, as for an actor that died. Returns their names."""
+        now = time.monotonic()
+        stuck = []
+        for name, since in list(self._busy_since.items()):
+            refs = [ref for ref, (n, _, _) in self._in_flight.items() if n == name]
+            if now - since <= self._allowance_s(name) or not refs:
+                continue
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+            if not ready:  # (a chunk that finished, or failed, is collected as it comes)
+                stuck.append(name)
+        for name in stuck:
+            groups = [g.group_id for n, chunk, _ in self._in_flight.values() if n == name for g in chunk]
+            log.warning(
+                "ranker actor %s finished nothing for %.0f s (rl.actor_timeout_s=%g + "
+                "ranker.group_deadline_s per group in turn) while ranking groups %s: killed",
+                name,
+                now - self._busy_since[name],
+                self.cfg.rl.actor_timeout_s,
+                groups[:4],
+            )
+            ray.kill(self.actors[name])
+            del self._busy_since[name]
+            self.stuck += 1
+        return stuck
 
     @property
     def size(self) -> int:
@@ -177,6 +224,8 @@ class RankerPool:
                 # The encoder features stay here (no backend reads them): collect() puts them back.
                 sent = [dataclasses.replace(g, visual_features=None) for g in chunk]
                 self._in_flight[actor.rank_chunk.remote(sent)] = (name, chunk, suspect)
+                if not held[name]:
+                    self._busy_since[name] = time.monotonic()
                 held[name] += 1
                 self._idle_since.pop(name, None)
         self.telemetry.set("rlaif_ranker_queue_depth", self.backlog)
@@ -207,6 +256,9 @@ class RankerPool:
         self.errors.update(errors)
         if name in self.actors and all(n != name for n, _, _ in self._in_flight.values()):
             self._idle_since[name] = time.monotonic()
+            self._busy_since.pop(name, None)
+        elif name in self.actors:
+            self._busy_since[name] = time.monotonic()  # it finished a chunk: it is not stuck
         self.dispatch()
         self.retire_idle()
         return ranked
@@ -253,13 +305,20 @@ class RankerPool:
         self.submit(groups)
         results: dict[int, Group] = {}
         while len(results) < len(groups):
-            done, _ = ray.wait(self.in_flight(), num_returns=1, timeout=self.seconds_to_retirement())
+            done, _ = ray.wait(self.in_flight(), num_returns=1, timeout=self.seconds_to_wait())
             if not done:
+                self.kill_stuck()
                 self.retire_idle()
                 continue
             for group in self.collect(done[0]):
                 results[position[group.group_id]] = group
         return [results[i] for i in range(len(groups))]
+
+    def seconds_to_wait(self) -> float | None:
+        """How long a driver waiting on :meth:`in_flight` may wait before it must call
+        :meth:`kill_stuck` and :meth:`retire_idle` (None: until a chunk finishes)."""
+        due = [t for t in (self.seconds_to_retirement(), self.seconds_to_deadline()) if t is not None]
+        return min(due) if due else None
 
     def seconds_to_retirement(self) -> float | None:
         """Seconds until the next idle actor is due to retire (0 if one is due now), or None when
@@ -298,6 +357,7 @@ class RankerPool:
             "scale_ups": self.scale_ups,
             "scale_downs": self.scale_downs,
             "restarts": self.restarts,
+            "stuck": self.stuck,
             **{key: self.counts[key] for key in COUNTERS},
             "errors": dict(self.errors),
         }
