@@ -2,7 +2,7 @@
 
     python bench/throughput.py [key=value ...] [--batches 8 64 256] [--steps 20 12 6]
         [--group-size 4] [--staleness 0 1] [--threads 1 2] [--async-threads 1] [--warmup 1]
-        [--seed 0] [--quick] [--name NAME]
+        [--pin ROLLOUT_CORE LEARNER_CORE] [--seed 0] [--quick] [--name NAME]
 
 (config overrides for our arms first: the list options would take them as their values)
 
@@ -20,7 +20,9 @@ For each answers-per-step size B in ``--batches`` (``B / group size`` prompts pe
   the ``hf`` engine, the ground-truth ranker pool, one DeepSpeed learner) at ``rl.max_staleness``
   K for each K in ``--staleness``; at K = 0 rollout and learner take turns, each with T torch
   threads, for each T in ``--threads``; at K > 0 they run at the same time, each with
-  T = ``--async-threads``;
+  T = ``--async-threads`` (with ``--pin R L``, the rollout actor on core R and the learner on core
+  L: stages on cores of their own). Our ranker pool starts at its size (``ranker.min_actors`` =
+  ``ranker.max_actors``), so that no ranker actor starts during the measured steps;
 * ``trl-t<T>``: ``trl.GRPOTrainer`` in this process on the CPU with T torch threads for each T
   in ``--threads``, no vLLM, same LoRA, ``num_generations`` = group size, a generation batch of
   B answers learned in one optimizer step (micro-batches of ``learner.micro_batch_size``, as our
@@ -156,8 +158,16 @@ def our_config(args: argparse.Namespace, batch: int, steps: int, staleness: int,
             f"rollout.num_threads={threads}",
             f"learner.num_threads={threads}",
             f"run_dir=runs/bench_{args.name}/ours-k{staleness}-t{threads}-b{batch}",
+            *(
+                [f"rollout.cpu_cores=[{args.pin[0]}]", f"learner.cpu_cores=[{args.pin[1]}]"]
+                if args.pin and staleness > 0
+                else []
+            ),
         ],
     )
+    # The ranker pool starts at its size: a pool that grows during the measured steps would count
+    # a ranker actor's start-up (about 2 s here) as a step, which a run long enough to matter pays once.
+    cfg.ranker.min_actors = cfg.ranker.max_actors
     cfg.model.lora_target_modules = [m for m in cfg.model.lora_target_modules if m not in UNSUPPORTED_BY_TRL]
     return cfg
 
@@ -505,6 +515,14 @@ def parse_args() -> argparse.Namespace:
         help="torch threads of our rollout and learner at staleness > 0",
     )
     parser.add_argument(
+        "--pin",
+        type=int,
+        nargs=2,
+        metavar=("ROLLOUT_CORE", "LEARNER_CORE"),
+        help="our arms at staleness > 0: the rollout actor on one core, the learner on another "
+        "(rollout.cpu_cores / learner.cpu_cores), as stages on nodes of their own",
+    )
+    parser.add_argument(
         "--eval-examples", type=int, default=16, help="our before/after evaluation (not timed)"
     )
     parser.add_argument("--seed", type=int, default=0)
@@ -565,6 +583,7 @@ def main() -> None:
         "staleness": args.staleness,
         "threads": args.threads,
         "async_threads": args.async_threads,
+        "pin": {"rollout_core": args.pin[0], "learner_core": args.pin[1]} if args.pin else None,
         "max_new_tokens": base.rollout.max_new_tokens,
         "targets": TARGETS,
         "order": [f"{arm_name(s, k, t)}@{b}" for s, k, t, b in order],
