@@ -34,6 +34,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
@@ -300,6 +301,7 @@ class VideoLMPolicy(VideoInputs):
                 self.lm = get_peft_model(base, lora, adapter_name=POLICY_ADAPTER)
         self.has_reference_adapter = False
         self.reference_projector: Projector | None = None
+        self._lora_layer_cache: list[BaseTunerLayer] | None = None
 
     # ----------------------------------------------------------------- loading and saving
     @classmethod
@@ -604,17 +606,34 @@ class VideoLMPolicy(VideoInputs):
 
     @contextlib.contextmanager
     def reference_mode(self) -> Iterator[None]:
-        """Run the LM as the reference policy: the frozen reference adapter, else no adapter."""
+        """Run the LM as the reference policy: the frozen reference adapter, else no adapter.
+
+        Switched on the LoRA layers themselves, found once: peft's model-level switches walk every
+        module of the LM on each call (12% of a learner step on the text-only benchmark task).
+        """
+        layers = self._lora_layers()
         if self.has_reference_adapter:
-            self.lm.set_adapter(REFERENCE_ADAPTER)
+            for layer in layers:
+                layer.set_adapter(REFERENCE_ADAPTER)
             try:
                 yield
             finally:
-                self.lm.set_adapter(POLICY_ADAPTER)
+                for layer in layers:
+                    layer.set_adapter(POLICY_ADAPTER)
                 self._fix_requires_grad()
         else:
-            with self.lm.disable_adapter():
+            for layer in layers:
+                layer.enable_adapters(False)
+            try:
                 yield
+            finally:
+                for layer in layers:
+                    layer.enable_adapters(True)
+
+    def _lora_layers(self) -> list[BaseTunerLayer]:
+        if self._lora_layer_cache is None:
+            self._lora_layer_cache = [m for m in self.lm.modules() if isinstance(m, BaseTunerLayer)]
+        return self._lora_layer_cache
 
     @torch.no_grad()
     def sample(
