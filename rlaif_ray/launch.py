@@ -49,7 +49,7 @@ from rlaif_ray.data.synthetic import ensure_data
 from rlaif_ray.groups import Group
 from rlaif_ray.learner.worker import LearnerCollectiveError, LearnerWorker, shard
 from rlaif_ray.ledger import GroupLedger
-from rlaif_ray.logs import ScalarWriter, setup_logging
+from rlaif_ray.logs import ScalarWriter, progress_line, setup_logging
 from rlaif_ray.models.tiny import ensure_model
 from rlaif_ray.plot import plot_runs
 from rlaif_ray.prepare import ensure_judge
@@ -302,7 +302,7 @@ class Trainer:
         """Kill rollout actor ``index`` (Ray restarts it), count it, and say so."""
         self.faults["stuck_rollout"] += 1
         exc = ActorStuck(
-            f"rollout-{index} answered nothing for {what} within rl.actor_timeout_s={self.cfg.rl.actor_timeout_s:g} s"
+            f"rollout-{index} did not answer {what} within rl.actor_timeout_s={self.cfg.rl.actor_timeout_s:g} s"
         )
         log.warning("%s: killed, Ray restarts it", exc)
         ray.kill(self.rollouts[index], no_restart=False)
@@ -315,7 +315,7 @@ class Trainer:
         """Kill every learner (the loop then restores them from the newest checkpoint), count it."""
         self.faults["stuck_learner"] += 1
         exc = ActorStuck(
-            f"the learners finished {what} not within rl.actor_timeout_s={self.cfg.rl.actor_timeout_s:g} s"
+            f"the learners did not finish {what} within rl.actor_timeout_s={self.cfg.rl.actor_timeout_s:g} s"
         )
         log.warning("%s: killed, restoring them", exc)
         for learner in self.learners:
@@ -798,6 +798,7 @@ class Trainer:
             self.from_rollout(i, lambda actor: actor.stats.remote(), "its counters")
             for i in range(len(self.rollouts))
         ]
+        ray.get([actor.close.remote() for actor in self.rollouts], timeout=self.cfg.rl.actor_timeout_s)
         summary = {
             "eval_split": cfg.rl.eval_split,
             "accuracy_before": before["accuracy"],
@@ -845,49 +846,6 @@ class Trainer:
             flush=True,
         )
         return summary
-
-
-def progress_line(record: dict[str, Any], steps: int, eta_s: float | None = None) -> str:
-    """The job log's line for one RL step, e.g.
-
-    ``[rl] step 3/60 | 21.4 samples/s | sampled_acc 0.412 | loss 0.0123 kl 0.0031 clip 0.000 |
-    v3 lag<=0 | 14.9s (wait 8.1 learn 6.6 sync 0.2) | ETA 14m13s``
-
-    step/total; answers learned per second of this step; the oracle's accuracy on the answers
-    sampled (n/a without references); the learner's loss, KL to the reference policy and clipped
-    fraction; the weight version now served and the largest lag (versions) of the groups learned;
-    the step's wall time and its stages; the time left at the mean step time so far.
-    """
-    lrn, t = record["learner"], record["time"]
-    acc = record["sampled_accuracy"]
-    lags = record["group_lags"]
-    rate = record["samples"] / t["step_s"] if t["step_s"] > 0 else 0.0
-    learner = [
-        f"{name} {lrn[key]:.{digits}f}"
-        for key, name, digits in (("loss", "loss", 4), ("kl", "kl", 4), ("clip_frac", "clip", 3))
-        if key in lrn
-    ]
-    parts = [
-        f"[rl] step {record['step']}/{steps}",
-        f"{rate:.1f} samples/s",
-        f"sampled_acc {acc:.3f}" if acc is not None else "sampled_acc n/a",
-        " ".join(learner) or "no update",
-        f"v{record['weight_version']} " + (f"lag<={max(lags)}" if lags else "lag n/a"),
-        f"{t['step_s']:.1f}s (wait {t['wait_s']:.1f} learn {t['learn_s']:.1f} sync {t['sync_s']:.1f})",
-    ]
-    if eta_s is not None:
-        parts.append(f"ETA {duration(eta_s)}")
-    return " | ".join(parts)
-
-
-def duration(seconds: float) -> str:
-    """``42s``, ``6m05s``, ``2h03m``."""
-    s = max(0, round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def prepare_run(cfg: Config) -> tuple[Config, Path, Path]:

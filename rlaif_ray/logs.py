@@ -14,7 +14,7 @@ by every actor (``RolloutWorker``, ``LearnerWorker``, ``RankerWorker``) and by `
 * ``debug``: everything at DEBUG, ours included.
 
 Errors are never hidden. :class:`ScalarWriter` writes each metrics record's numbers as
-TensorBoard scalars.
+TensorBoard scalars; :func:`progress_line` is the job log's line per RL step.
 """
 
 from __future__ import annotations
@@ -254,3 +254,46 @@ class ScalarWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def progress_line(record: dict[str, Any], steps: int, eta_s: float | None = None) -> str:
+    """The job log's line for one RL step, e.g.
+
+    ``[rl] step 3/60 | 21.4 samples/s | sampled_acc 0.412 | loss 0.0123 kl 0.0031 clip 0.000 |
+    v3 lag<=0 | 14.9s (wait 8.1 learn 6.6 sync 0.2) | ETA 14m13s``
+
+    step/total; answers learned per second of this step; the oracle's accuracy on the answers
+    sampled (n/a without references); the learner's loss, KL to the reference policy and clipped
+    fraction; the weight version now served and the largest lag (versions) of the groups learned;
+    the step's wall time and its stages; the time left at the mean step time so far.
+    """
+    lrn, t = record["learner"], record["time"]
+    acc = record["sampled_accuracy"]
+    lags = record["group_lags"]
+    rate = record["samples"] / t["step_s"] if t["step_s"] > 0 else 0.0
+    learner = [
+        f"{name} {lrn[key]:.{digits}f}"
+        for key, name, digits in (("loss", "loss", 4), ("kl", "kl", 4), ("clip_frac", "clip", 3))
+        if key in lrn
+    ]
+    parts = [
+        f"[rl] step {record['step']}/{steps}",
+        f"{rate:.1f} samples/s",
+        f"sampled_acc {acc:.3f}" if acc is not None else "sampled_acc n/a",
+        " ".join(learner) or "no update",
+        f"v{record['weight_version']} " + (f"lag<={max(lags)}" if lags else "lag n/a"),
+        f"{t['step_s']:.1f}s (wait {t['wait_s']:.1f} learn {t['learn_s']:.1f} sync {t['sync_s']:.1f})",
+    ]
+    if eta_s is not None:
+        parts.append(f"ETA {duration(eta_s)}")
+    return " | ".join(parts)
+
+
+def duration(seconds: float) -> str:
+    """``42s``, ``6m05s``, ``2h03m``."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"

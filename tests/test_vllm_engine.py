@@ -178,6 +178,9 @@ def test_loop_with_vllm_rollouts(synthetic_dir: Path, colour_checkpoint: Path, t
         cfg, run_dir, model_dir = prepare_run(cfg)
         trainer = Trainer(cfg, run_dir, warm_start(cfg, model_dir))
         summary = trainer.run()
+        # The run removed the adapter folders its engines wrote (each engine, a folder of its own).
+        leftover = [p for p in Path(cfg.rollout.adapter_dir).rglob("*") if p.is_file()]
+        assert not leftover, leftover[:3]
         examples = [ex for ex in load_jsonl(cfg.data.test) if ex.type == "colour"][:8]
         served = ray.get([actor.greedy_answers.remote(examples) for actor in trainer.rollouts])
     finally:
@@ -200,3 +203,44 @@ def test_loop_with_vllm_rollouts(synthetic_dir: Path, colour_checkpoint: Path, t
     frames, questions = inputs(wider, reference.image_size)
     start = HFEngine(cfg, str(colour_checkpoint)).sample(frames, questions, 1, greedy=True).token_ids
     assert reference.sample(frames, questions, 1, greedy=True).token_ids != start
+
+
+def test_a_vllm_rollout_actor_killed_mid_run_serves_the_newest_version_again(
+    synthetic_dir: Path, colour_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Ray restarts a killed vLLM rollout actor; its fresh engine names adapters by version from
+    scratch, and the driver sends it the newest weights before its prompts again: no group is
+    sampled by old weights, and at the end both actors hold the final version."""
+    from test_faults import assert_accounted, kill_when
+
+    cfg = vllm_config(
+        synthetic_dir,
+        colour_checkpoint,
+        tmp_path,
+        f"data.train={colour_checkpoint.parent / 'colour_train.jsonl'}",
+        "rl.steps=4",
+        "rl.prompts_per_step=4",
+        "rl.group_size=4",
+        "rl.eval_every=100",
+        "rl.checkpoint_every=100",
+        "rl.eval_examples=8",
+        "rollout.num_actors=2",
+        "rollout.num_threads=1",
+        "learner.num_threads=1",
+        "learner.lr=1e-2",
+    )
+    ray.init(num_cpus=4, resources={"ranker": 2}, include_dashboard=False)
+    try:
+        cfg, run_dir, model_dir = prepare_run(cfg)
+        trainer = Trainer(cfg, run_dir, warm_start(cfg, model_dir))
+        killer = kill_when(cfg, 2, "rollout-1")
+        summary = trainer.run()
+        killer.join()
+    finally:
+        ray.shutdown()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    final_version = assert_versions_follow_updates(records)
+    assert summary["steps"] == 4 and summary["faults"]["rollout_restarts"] >= 1
+    assert all(lag == 0 for r in records for lag in r["group_lags"])
+    assert [s["version"] for s in summary["rollout"]] == [final_version] * 2
+    assert_accounted(summary)

@@ -35,6 +35,9 @@ class RolloutEngine(abc.ABC):
     def load_weights(self, version: int, state: dict[str, torch.Tensor]) -> None:
         """Serve ``version``, whose trainable tensors (LoRA + projector) are ``state``."""
 
+    def close(self) -> None:  # noqa: B027 (an engine that writes nothing has nothing to remove)
+        """Remove what the engine wrote to disk (nothing unless it says otherwise)."""
+
 
 def torch_device() -> torch.device:
     """This process's device: its GPU (Ray sets CUDA_VISIBLE_DEVICES per actor), else the CPU."""

@@ -194,6 +194,10 @@ class VLLMEngine(RolloutEngine):
         if not self.llm.reset_prefix_cache():
             log.warning("vLLM refused to reset its prefix cache after serving LoRA version %d", version)
 
+    def close(self) -> None:
+        """Remove this engine's adapter folders (also done when it is collected or its process exits)."""
+        self.adapters.close()
+
     def loaded_loras(self) -> set[int]:
         """Integer ids of the adapters vLLM holds now (at most ``rl.max_staleness + 1``)."""
         return set(self.llm.llm_engine.list_loras())

@@ -166,6 +166,10 @@ class RolloutWorker:
         result["version"] = self.engine.version
         return result
 
+    def close(self) -> None:
+        """The run is over: the engine removes what it wrote to disk (the vLLM adapter folders)."""
+        self.engine.close()
+
     def stats(self) -> dict[str, Any]:
         return {
             "groups_sampled": self.groups_sampled,
