@@ -5,7 +5,9 @@ The figures in docs/BENCHMARKS.md measured before the default visual tokens beca
 those runs get these overrides, so that ``make bench`` reproduces what the docs quote. They were
 also measured before the learner's shared prefix and the rollout's encoder features (2026-12-07):
 those runs get ``learner.shared_prefix=false learner.reencode_videos=true`` too (the transformers
-engine's shared prefill has no switch: their sampling stage is now faster than quoted).
+engine's shared prefill has no switch: their sampling stage is now faster than quoted). The runs
+measured since (the pinned asynchronous loop, the throughput against TRL, the step profile, the
+shared prefix, the video work, weight sync, ranker scaling, RLAIF) take the current defaults.
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ TOKENS = ["--steps", "600", "--eval-every", "150", "--seeds", "0", "1", "2"]
 # 3 is what fit in one session on 2 cores), 3 seeds; about 1 h 45 min in all.
 LEARNING = ["--minutes", "3", "--seeds", "0", "1", "2"]
 GRADED_METHODS = ["dcg", "dcg_std", "score", "score_parts"]
+# The asynchronous loop with a core per stage and 4 ranker actors (16 judge requests in flight).
+POOL4 = ["--rankers", "openai", "--staleness", "0", "1", "--name", "async_pinned_pool4"]
+POOL4 += ["ranker.min_actors=4", "ranker.max_actors=4"]
+# RL from the video judge against its baselines (about 90 minutes).
+RLAIF = ["--config", "configs/rlaif.yaml", "--tasks", "rlaif", "--data-seed", "0", "--seeds", "0", "1", "2"]
+RLAIF += ["--minutes", "5", "--lrs", "2e-4", "5e-4", "--name", "rlaif"]
+RLAIF += ["--methods", "start", "judge", "sft", "distill", "dcg", "score"]
 
 for script, *args in (
     ("sft_curve.py", "model.visual_tokens=patch"),
@@ -37,14 +46,17 @@ for script, *args in (
     ("rl_learning.py", "--methods", "grpo_rank", "--name", "rl_learning_lr1e-4", *LR_1E4),
     ("ranker_scaling.py",),
     ("async.py", *EARLIER_DEFAULT),
-    ("throughput.py",),
+    ("async.py", "--pin", "0", "1"),
+    ("async.py", "--pin", "0", "1", *POOL4),
+    ("throughput.py", "--pin", "0", "1"),
     ("weight_sync.py",),
-    ("profile_step.py", *EARLIER_DEFAULT),
+    ("profile_step.py",),
     ("shared_prefix.py",),
     ("video_features.py",),
     ("learning.py", *LEARNING, "--tasks", "default", "--methods", "start", "dcg", "score", "sft"),
     ("learning.py", *LEARNING, "--tasks", "converged", "--methods", "start", "dcg"),
     ("learning.py", *LEARNING, "--tasks", "graded", "--methods", "start", *GRADED_METHODS),
+    ("learning.py", *RLAIF),
 ):
     print(f"== {script} {' '.join(args)}", flush=True)
     subprocess.run([sys.executable, str(HERE / script), *args], check=True)
