@@ -1,6 +1,6 @@
 """Weight sync: time per version to publish the trainable tensors and have 2 rollout actors serve them.
 
-    python bench/weight_sync.py [key=value ...] [--cases tiny_hf tiny_vllm lora7b_hf]
+    python bench/weight_sync.py [key=value ...] [--cases tiny_hf tiny_vllm lora7b_hf lora7b_hf_separate]
         [--reps 10] [--lora-layers 32] [--lora-dtype bfloat16] [--quick] [--name NAME]
 
 (config overrides first: the list options would take them as their values)
@@ -8,10 +8,11 @@
 Every case runs on a local Ray cluster started here: one learner actor and ``--rollouts`` (2)
 rollout actors, real Ray actors. Each version is published along the path of
 ``rlaif_ray.launch.Trainer.sync_weights``: the learner's ``export_weights`` returns its trainable
-tensors as a ``WeightsMessage`` (numpy views of the parameters, no copy), which Ray writes once
-into the object store; every rollout actor's ``update_weights`` is handed that reference, reads
-the arrays as views of the store's shared memory and copies them into its parameters; ``sync_s`` is the time until every rollout actor has returned,
-``export_s`` the part until the export was in the object store. The cases:
+tensors as a ``WeightsMessage`` (numpy views of the parameters' storages, no copy), which Ray
+writes once into the object store; every rollout actor's ``update_weights`` is handed that
+reference, reads the arrays as views of the store's shared memory and copies them into its
+parameters; ``sync_s`` is the time until every rollout actor has returned, ``export_s`` the part
+until the export was in the object store. The cases:
 
 * ``tiny_hf``: the built-in tiny default policy (``configs/default.yaml``, SFT warm start): the
   real ``LearnerWorker`` (DeepSpeed) and ``RolloutWorker`` with the transformers engine, whose
@@ -29,7 +30,12 @@ the arrays as views of the store's shared memory and copies them into its parame
   ``LearnerWorker.export_weights``; each rollout actor's engine is an ``HFEngine`` holding the
   same module, so ``RolloutWorker.update_weights`` -> ``HFEngine.load_weights`` ->
   ``VideoLMPolicy.load_trainable_state_dict`` runs unchanged. Its "sampling" is a forward of a
-  fixed input through every LoRA pair (``x @ A.T @ B.T``), checked against the learner's.
+  fixed input through every LoRA pair (``x @ A.T @ B.T``), checked against the learner's. The
+  learner's parameters are views of one flat buffer, as DeepSpeed ZeRO-1/2 keeps a parameter
+  group (``tests/test_learner.py`` asserts that the real learner's export is one buffer), so the
+  export travels as one array.
+* ``lora7b_hf_separate``: the same with the learner's parameters as 448 separate tensors (a
+  learner without a flat buffer): 448 arrays through the object store.
 
 Before each version the learner's trainable tensors change (untimed), so that every version
 differs. After each sync (untimed) every rollout actor samples once (1 prompt, a group; the
@@ -81,7 +87,8 @@ from rlaif_ray.telemetry import Telemetry  # noqa: E402
 # bench/async.py's name is a keyword: import its helper by name.
 clear_named_actors = importlib.import_module("bench.async").clear_named_actors
 
-CASES = ("tiny_hf", "tiny_vllm", "lora7b_hf")
+CASES = ("tiny_hf", "tiny_vllm", "lora7b_hf", "lora7b_hf_separate")
+STAND_IN_CASES = ("lora7b_hf", "lora7b_hf_separate")
 # Vicuna-7B (Llama): hidden size, MLP size; the paper's LoRA rank and target modules.
 LLAMA_7B = {"hidden": 4096, "mlp": 11008, "rank": 64}
 # One thread, as each stand-in actor copies with: on a shared machine a 2-thread copy_ stalls at
@@ -166,13 +173,27 @@ def bump_trainable(policy: nn.Module, version: int) -> None:
                 param.add_(1e-3 * (1 if version % 2 else -1))
 
 
-class StandInLearner(LearnerWorker):
-    """``LearnerWorker`` whose policy is a :class:`LoraStandIn`; ``export_weights`` is inherited."""
+def flatten_parameters(module: nn.Module) -> None:
+    """Make ``module``'s parameters views of one flat buffer, as DeepSpeed ZeRO-1/2 does with a
+    parameter group."""
+    params = list(module.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    for param in params:
+        param.data = flat[offset : offset + param.numel()].view_as(param)
+        offset += param.numel()
 
-    def __init__(self, cfg: Config, layers: int, dtype: str, threads: int) -> None:
+
+class StandInLearner(LearnerWorker):
+    """``LearnerWorker`` whose policy is a :class:`LoraStandIn` (its parameters in one flat
+    buffer with ``flat``); ``export_weights`` is inherited."""
+
+    def __init__(self, cfg: Config, layers: int, dtype: str, threads: int, flat: bool) -> None:
         torch.set_num_threads(threads)
         self.cfg, self.rank, self.world_size, self.version = cfg, 0, 1, 0
         self.policy = LoraStandIn(layers, dtype, seed=0)
+        if flat:
+            flatten_parameters(self.policy)
 
     def bump(self, version: int) -> None:
         """Change the trainable tensors (a new version to publish)."""
@@ -194,8 +215,9 @@ class StandInEngine(HFEngine):
 class StandInRollout(RolloutWorker):
     """``RolloutWorker`` around a :class:`StandInEngine`; ``update_weights`` is inherited."""
 
-    def __init__(self, layers: int, dtype: str, threads: int) -> None:
+    def __init__(self, cfg: Config, rank: int, layers: int, dtype: str, threads: int) -> None:
         torch.set_num_threads(threads)
+        self.cfg, self.rank = cfg, rank
         self.engine = StandInEngine(layers, dtype)
         self.telemetry = Telemetry("rollout")
 
@@ -308,16 +330,17 @@ def check_served(learner: Any, rollouts: list[Any], stand_in: bool, hf: bool) ->
 
 def run_case(case: str, cfg: Config, policy_dir: str, args: argparse.Namespace) -> dict[str, Any]:
     """Time ``args.reps`` versions of one case on the running Ray cluster."""
-    stand_in = case == "lora7b_hf"
+    stand_in = case in STAND_IN_CASES
     hf = case != "tiny_vllm"
     if stand_in:
         opts = {"num_cpus": 1}
+        flat = case == "lora7b_hf"
         learners = [
-            ray.remote(StandInLearner).options(**opts).remote(cfg, args.lora_layers, args.lora_dtype, 1)
+            ray.remote(StandInLearner).options(**opts).remote(cfg, args.lora_layers, args.lora_dtype, 1, flat)
         ]
         rollouts = [
-            ray.remote(StandInRollout).options(**opts).remote(args.lora_layers, args.lora_dtype, 1)
-            for _ in range(args.rollouts)
+            ray.remote(StandInRollout).options(**opts).remote(cfg, rank, args.lora_layers, args.lora_dtype, 1)
+            for rank in range(args.rollouts)
         ]
         prompt: list[Any] = []
         ray.get([r.version.remote() for r in rollouts] + [learners[0].checksum.remote()])
@@ -326,8 +349,10 @@ def run_case(case: str, cfg: Config, policy_dir: str, args: argparse.Namespace) 
         learners, rollouts, prompt = tiny_actors(cfg, policy_dir)
     learner = learners[0]
     # A fetched export: the tensors the in-process baseline copies (same shapes, dtypes, bytes).
-    state = {k: v.clone() for k, v in ray.get(learner.export_weights.remote()).tensors().items()}
-    row: dict[str, Any] = {"case": case, **state_bytes(state)}
+    export = ray.get(learner.export_weights.remote())
+    state = {k: v.clone() for k, v in export.tensors().items()}
+    row: dict[str, Any] = {"case": case, **state_bytes(state), "buffers": len(export.buffers)}
+    del export
     dst = {k: torch.empty_like(v) for k, v in state.items()}
     sync_s, export_s, copy_s, first_s, steady_s, load = [], [], [], [], [], []
     for version in range(1, args.reps + 2):  # version 1 is the untimed warm-up
@@ -389,6 +414,7 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
         [
             "case",
             "MB",
+            "buffers",
             "dtype",
             "sync ms (median [min, max])",
             "copy ms",
@@ -402,6 +428,7 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
             [
                 r["case"],
                 f"{r['bytes'] / 1e6:.1f}",
+                str(r["buffers"]),
                 "/".join(r["dtypes"]),
                 fmt(r["sync_s"]),
                 fmt(r["copy_s"]),
@@ -459,7 +486,7 @@ def main() -> None:
     policy_dir = ""
     start_ray(cfg, args.rollouts)
     try:
-        if any(c != "lora7b_hf" for c in args.cases):
+        if any(c not in STAND_IN_CASES for c in args.cases):
             policy_dir = warm_start(cfg, ensure_model(cfg))
             result["policy_dir"] = policy_dir
         for case in args.cases:

@@ -53,6 +53,8 @@ def one_step(cfg: Config, groups: list, world_size: int) -> tuple[dict, dict[str
     for learner in learners:
         ray.kill(learner)
     assert after[1:] == [None] * (world_size - 1), "only rank 0 returns the weights"
+    # ZeRO-2's flat buffer travels whole; ZeRO-3's gathered tensors are packed into one copy.
+    assert len(after[0].buffers) == 1, f"the export travels as {len(after[0].buffers)} buffers"
     return {"stats": stats[0], "before": before, "partition": partition}, owned(after[0])
 
 

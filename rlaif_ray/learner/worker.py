@@ -411,18 +411,17 @@ class LearnerWorker:
     def export_weights(self) -> WeightsMessage | None:
         """The trainable tensors (LoRA + projector) on rank 0, None on the other ranks.
 
-        Views of the live parameters where they are on the CPU and whole (no copy: a Ray call's
-        return value is serialised as the call returns, before the next update; a caller in the
-        same process that keeps them across an update copies them first). Under ZeRO-3 a copy,
-        since the gathered parameters are released as the call ends; the gather is a collective:
-        every rank must call this at once.
+        Views of the live parameters where they are on the CPU (no copy: a Ray call's return value
+        is serialised as the call returns, before the next update; a caller in the same process
+        that keeps them across an update copies them first); under ZeRO-1/2 they are DeepSpeed's
+        flat buffer, which travels as one array. Under ZeRO-3 one copy into one buffer, since the
+        gathered parameters are released as the call ends; the gather is a collective: every rank
+        must call this at once.
         """
         with self.collectives(f"the export of version {self.version}"), gathered_trainable(self.policy):
             if self.rank != 0:
                 return None
-            if self.cfg.learner.zero_stage == 3:
-                return WeightsMessage.of(self.policy.trainable_state_dict())
-            return WeightsMessage.of(self.policy.trainable_tensors())
+            return WeightsMessage.of(self.policy.trainable_tensors(), copy=self.cfg.learner.zero_stage == 3)
 
     @contextlib.contextmanager
     def collectives(self, what: str) -> Iterator[None]:
