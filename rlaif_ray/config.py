@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from rlaif_ray.registry import REGISTRIES
+from rlaif_ray.registry import PLUGINS_HINT, REGISTRIES, import_plugins
 
 
 class ConfigError(ValueError):
@@ -350,6 +350,9 @@ class Config:
     # events, warnings and errors, the libraries only from WARNING (transformers from ERROR, no
     # progress bars); "info" turns the libraries' INFO lines back on; "debug" shows everything.
     log_level: Literal["quiet", "info", "debug"] = "quiet"
+    # Modules that register plugins of one's own (estimators, backends, engines: rlaif_ray/registry.py),
+    # imported by the driver before the config is validated and by every actor as it starts.
+    plugins: list[str] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -536,6 +539,10 @@ def validate(cfg: Config) -> Config:
             "(letters, digits, _), not the key itself; put the key in that variable or in a file "
             "named by ranker.openai_api_key_file"
         )
+    try:
+        import_plugins(cfg.plugins)
+    except ImportError as exc:
+        raise ConfigError(f"config key 'plugins' = {cfg.plugins!r}: {exc}") from None
     flat = flat_keys(cfg.to_dict())
     for registry in REGISTRIES:
         value = flat[registry.key]
@@ -543,7 +550,9 @@ def validate(cfg: Config) -> Config:
             value in registry,
             registry.key,
             value,
-            f"a registered {registry.kind}: " + ", ".join(repr(n) for n in registry.names()),
+            f"a registered {registry.kind}: "
+            + ", ".join(repr(n) for n in registry.names())
+            + f" ({PLUGINS_HINT})",
         )
     if cfg.ranker.backend == "video_judge":
         _check(

@@ -11,14 +11,18 @@ registers from any module with the same decorator as the built-in ones::
     @ADVANTAGES.register("top1", takes="ranks")
     def top1(ranks): ...
 
-and is then chosen by name (``algo.advantage=top1``) with no other edit. A plugin whose module is
-costly to import (vLLM) is registered by its import path (:meth:`Registry.register_lazy`).
+and is then chosen by name (``algo.advantage=top1``) once the config's ``plugins`` key names the
+module (``plugins=[my_pkg.ranking]``): the driver imports it before it validates the config, and
+every actor as it starts (:func:`import_plugins`). A plugin whose module is costly to import (vLLM)
+is registered by its import path (:meth:`Registry.register_lazy`).
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import os
+import socket
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
@@ -62,7 +66,7 @@ class Registry:
         if name not in self:
             raise ValueError(
                 f"{self.key} = {name!r}: no {self.kind} is registered under that name; "
-                f"registered: {', '.join(self.names())}"
+                f"registered: {', '.join(self.names())} ({PLUGINS_HINT})"
             )
         plugin = self._plugins[name]
         if isinstance(plugin, str):
@@ -84,6 +88,23 @@ class Registry:
         if not self._loaded:
             self._loaded = True
             importlib.import_module(self.builtins)
+
+
+PLUGINS_HINT = "a plugin of one's own is registered when its module is imported: name the module in 'plugins'"
+
+
+def import_plugins(modules: Sequence[str]) -> None:
+    """Import ``modules`` (the config's ``plugins``), which register plugins of one's own as they
+    are imported. Every process that uses a plugin calls this: the driver and each actor."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ImportError(
+                f"plugins: module {module!r} cannot be imported in process {os.getpid()} on "
+                f"{socket.gethostname()} ({exc}); it must be importable on every node, e.g. from a "
+                "package installed there or shipped by the job's runtime env (py_modules, working_dir)"
+            ) from exc
 
 
 ADVANTAGES = Registry("advantage estimator", "algo.advantage", "rlaif_ray.algo.advantages")

@@ -4,14 +4,19 @@ the actors wrap, with no other edit."""
 
 from __future__ import annotations
 
+import sys
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import ray
 import torch
 
 from rlaif_ray.algo.advantages import register_advantage
 from rlaif_ray.config import Config, ConfigError, load_config, validate
 from rlaif_ray.data.dataset import load_jsonl
+from rlaif_ray.groups import Group
 from rlaif_ray.learner.worker import LearnerWorker
 from rlaif_ray.ranker.backends import RankerBackend, RankPrompt, register_backend
 from rlaif_ray.ranker.worker import RankerWorker
@@ -96,3 +101,71 @@ def test_a_name_is_registered_once_and_a_lazy_plugin_is_imported_when_used() -> 
         registry.register("dumps")(print)
     with pytest.raises(ValueError, match="section.thing = 'loads': no thing is registered.*dumps"):
         registry.get("loads")
+
+
+PLUGIN_MODULE = """
+from rlaif_ray.ranker.backends import RankerBackend, register_backend
+
+
+@register_backend("{name}")
+class LongestFirst(RankerBackend):
+    def __init__(self, cfg):
+        pass
+
+    def rank(self, prompt, candidates):
+        return sorted(range(len(candidates)), key=lambda i: (-len(candidates[i]), i))
+"""
+
+
+@pytest.fixture
+def plugin_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
+    """(name, folder) of a module of one's own on disk that registers a ranker backend of the same
+    name at import, as a user's package would; unregistered and forgotten afterwards."""
+    name = f"my_plugins_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(PLUGIN_MODULE.format(name=name))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name, tmp_path
+    if name in RANKER_BACKENDS._plugins:
+        RANKER_BACKENDS.unregister(name)
+    sys.modules.pop(name, None)
+
+
+def test_the_plugins_key_imports_a_users_module_before_validation(plugin_module: tuple[str, Path]) -> None:
+    name, _ = plugin_module
+    with pytest.raises(ConfigError, match=f"'ranker.backend' = '{name}': expected a registered ranker"):
+        load_config(None, [f"ranker.backend={name}"])
+    cfg = load_config(None, [f"plugins=[{name}]", f"ranker.backend={name}"])
+    assert cfg.plugins == [name] and name in RANKER_BACKENDS
+    with pytest.raises(ConfigError, match="'plugins' = \\['no_such_plugins_module'\\].*cannot be imported"):
+        load_config(None, ["plugins=[no_such_plugins_module]"])
+
+
+def test_a_ranker_actor_imports_the_plugins_in_its_own_process(plugin_module: tuple[str, Path]) -> None:
+    """The actor's process has never imported the module: it ranks with the plugin only because it
+    imports ``plugins`` as it starts (the module reaches it the way a runtime env ships one)."""
+    name, folder = plugin_module
+    cfg = load_config(None, [f"plugins=[{name}]", f"ranker.backend={name}", "rl.group_size=3"])
+    group = Group(
+        group_id="g0",
+        example_id="e0",
+        video=None,
+        question="what colour ?",
+        reference=None,
+        completions=["a", "ccc", "bb"],
+        completion_ids=[[1], [1, 2, 3], [1, 2]],
+        logprobs=[[0.0]] * 3,
+        weight_version=0,
+    )
+    ray.init(num_cpus=1, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(folder)}})
+    try:
+        actor = ray.remote(RankerWorker).remote(cfg.ranker, 3, plugins=cfg.plugins)
+        (ranked,) = ray.get(actor.rank_groups.remote([group]))
+        without = ray.remote(RankerWorker).remote(cfg.ranker, 3)
+        with pytest.raises(
+            ray.exceptions.RayActorError,
+            match=f"'{name}': no ranker backend is registered under that name.*name the module in 'plugins'",
+        ):
+            ray.get(without.rank_groups.remote([group]))
+    finally:
+        ray.shutdown()
+    assert ranked.rank_status == "ok" and ranked.ranks == [2.0, 0.0, 1.0]  # longest first

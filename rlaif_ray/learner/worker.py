@@ -39,6 +39,7 @@ from rlaif_ray.learner.engine import (
 from rlaif_ray.logs import setup_logging
 from rlaif_ray.models.policy import ADAPTER_DIR, VideoLMPolicy
 from rlaif_ray.process import configure_cpu
+from rlaif_ray.registry import import_plugins
 from rlaif_ray.weights import WeightsMessage
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,7 @@ class LearnerWorker:
 
     def __init__(self, cfg: Config, model_dir: str, rank: int = 0, world_size: int = 1) -> None:
         setup_logging(cfg.log_level)
+        import_plugins(cfg.plugins)
         self.cfg = cfg
         self.model_dir = model_dir
         self.rank = rank

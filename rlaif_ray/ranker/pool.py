@@ -106,6 +106,7 @@ class RankerPool:
             num_frames=self.cfg.model.num_frames,
             max_video_pixels=self.cfg.data.max_video_pixels,
             log_level=self.cfg.log_level,
+            plugins=self.cfg.plugins,
         )
         self._idle_since[name] = time.monotonic()
         return name

@@ -29,6 +29,7 @@ import queue
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,7 @@ from rlaif_ray.groups import Group
 from rlaif_ray.logs import setup_logging
 from rlaif_ray.ranker.backends import RankerBackend, RankPrompt, make_backend
 from rlaif_ray.ranker.prompting import InvalidOrdering, Ordering
+from rlaif_ray.registry import import_plugins
 from rlaif_ray.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -114,8 +116,10 @@ class RankerWorker:
         num_frames: int = ModelConfig.num_frames,
         max_video_pixels: int | None = DataConfig.max_video_pixels,
         log_level: str | None = None,
+        plugins: Sequence[str] = (),
     ) -> None:
         setup_logging(log_level)  # (None: the level the driver exported to the environment)
+        import_plugins(plugins)  # the config's ``plugins``, before the backend is looked up
         if cfg.fallback not in ("tie", "drop"):
             raise ValueError(f"ranker.fallback must be 'tie' or 'drop', got {cfg.fallback!r}")
         if cfg.group_deadline_s <= 0:

@@ -22,6 +22,7 @@ from rlaif_ray.evaluate import evaluate
 from rlaif_ray.groups import Group
 from rlaif_ray.logs import setup_logging
 from rlaif_ray.process import configure_cpu
+from rlaif_ray.registry import import_plugins
 from rlaif_ray.rollout.engine import make_engine
 from rlaif_ray.telemetry import Telemetry
 from rlaif_ray.weights import WeightsMessage
@@ -36,6 +37,7 @@ class RolloutWorker:
 
     def __init__(self, cfg: Config, model_dir: str, rank: int = 0) -> None:
         setup_logging(cfg.log_level)
+        import_plugins(cfg.plugins)
         self.cfg = cfg
         self.rank = rank
         configure_cpu(cfg.rollout.num_threads, cfg.rollout.cpu_cores, "rollout")
