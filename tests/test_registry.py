@@ -87,10 +87,10 @@ def test_plugins_registered_here_run_by_name_and_each_worker_says_what_it_serves
     stats = learner.train_step(groups)
     assert CALLS["engine"] >= 1 and CALLS["backend"] == 4 and CALLS["estimator"] >= 1
     assert stats["skipped_step"] == 0.0 and stats["version"] == 1.0
-    # What the Ray dashboard shows for each actor: its role and what it serves.
-    assert repr(rollout) == "RolloutWorker(rollout-0, test_counting_hf, weight version 0)"
+    # What the Ray dashboard and the log prefix show for each actor: its role and what it runs.
+    assert repr(rollout) == "RolloutWorker(rollout-0, test_counting_hf)"
     assert repr(ranker) == "RankerWorker(ranker, backend test_shortest_first)"
-    assert repr(learner) == "LearnerWorker(learner-0 of 1, weight version 1)"
+    assert repr(learner) == "LearnerWorker(learner-0 of 1)"
 
 
 def test_a_name_is_registered_once_and_a_lazy_plugin_is_imported_when_used() -> None:

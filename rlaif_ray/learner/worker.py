@@ -171,8 +171,9 @@ class LearnerWorker:
         self.batch_encodes = False  # whether any row of it has a video to encode here
 
     def __repr__(self) -> str:
-        # What the Ray dashboard's Actors view shows for this actor.
-        return f"LearnerWorker(learner-{self.rank} of {self.world_size}, weight version {self.version})"
+        # Ray reads it once, after __init__, for the dashboard's Actors view and the log prefix: only
+        # what never changes.
+        return f"LearnerWorker(learner-{self.rank} of {self.world_size})"
 
     @staticmethod
     def address() -> tuple[str, int]:

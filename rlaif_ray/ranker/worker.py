@@ -227,7 +227,7 @@ class RankerWorker:
         return ranked, {**dict(grown), "errors": dict(errors - last_errors)}
 
     def __repr__(self) -> str:
-        # What the Ray dashboard's Actors view shows for this actor.
+        # Ray reads it once, after __init__, for the dashboard's Actors view and the log prefix.
         backend = getattr(self, "backend", None)
         return f"RankerWorker(ranker, backend {backend.name if backend is not None else 'starting'})"
 

@@ -136,10 +136,9 @@ class RolloutWorker:
         return self.engine.version
 
     def __repr__(self) -> str:
-        # What the Ray dashboard's Actors view shows for this actor.
-        engine = getattr(self, "engine", None)  # (absent while __init__ builds it)
-        served = f"weight version {engine.version}" if engine is not None else "starting"
-        return f"RolloutWorker(rollout-{self.rank}, {self.cfg.rollout.engine}, {served})"
+        # Ray reads it once, after __init__, for the dashboard's Actors view and the log prefix: only
+        # what never changes (the served version is the rlaif_weight_version gauge).
+        return f"RolloutWorker(rollout-{self.rank}, {self.cfg.rollout.engine})"
 
     def incarnation(self) -> str:
         """Differs after every (re)start of this actor's process."""
