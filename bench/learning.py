@@ -70,6 +70,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -603,8 +604,14 @@ def main() -> None:
                         continue
                     for lr in arm_rates(args, task, method, seed):
                         run_one(args, task, method, seed, lr)
-    result = report(args.name)
-    path = write_result(args.name, {"config": args.config, "overrides": args.overrides, **result})
+    result = {"config": args.config, "overrides": args.overrides, **report(args.name)}
+    previous = RESULTS / f"{args.name}.json"
+    if args.report_only and previous.is_file():
+        # The arms ran earlier: keep their machine (and date) and the config they ran with.
+        earlier = json.loads(previous.read_text())
+        result.update({k: earlier[k] for k in ("machine", "config", "overrides") if k in earlier})
+        result["reported"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    path = write_result(args.name, result)
     print(f"wrote {path}")
 
 
