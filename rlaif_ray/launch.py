@@ -707,7 +707,8 @@ class Trainer:
         }
 
     def run(self, resume_from: Path | None = None) -> dict[str, Any]:
-        cfg = self.cfg
+        """The whole run: the evaluation before RL (or the resume from ``resume_from``), the
+        updates, then the final evaluations, checkpoint and ``summary.json``, which it returns."""
         start = time.time()
         metrics_path = self.run_dir / "metrics.jsonl"
         scalars = ScalarWriter(self.run_dir)  # TensorBoard: tensorboard --logdir runs/
@@ -715,7 +716,7 @@ class Trainer:
             before = self.evaluate()
             print(
                 f"[rl] held-out accuracy before RL: {before['accuracy']:.3f} "
-                f"({cfg.rl.eval_split}, n={before['n']})",
+                f"({self.cfg.rl.eval_split}, n={before['n']})",
                 flush=True,
             )
             scalars.write(0, {"eval": before})
@@ -723,6 +724,15 @@ class Trainer:
             metrics_path.write_text("")
         else:
             self.resume(resume_from, metrics_path)
+        first_step = self.step_no
+        rl_wall_s = self.learn(metrics_path, scalars)
+        return self.finish(scalars, resume_from, first_step, start, rl_wall_s)
+
+    def learn(self, metrics_path: Path, scalars: ScalarWriter) -> float:
+        """Updates until ``rl.steps`` (or ``rl.time_limit_s``), each recorded in ``metrics_path``,
+        TensorBoard and the live metrics, with the evaluations and checkpoints the config asks
+        for. Returns the seconds it took, evaluations excluded."""
+        cfg = self.cfg
         first_step = self.step_no
         rl_start = time.time()
         eval_s = 0.0  # evaluation time does not count against rl.time_limit_s
@@ -771,7 +781,20 @@ class Trainer:
                     )
                     break
                 self.sample_ahead()  # the next prompts while this step is recorded and evaluated
-        rl_wall_s = time.time() - rl_start - eval_s
+        return time.time() - rl_start - eval_s
+
+    def finish(
+        self,
+        scalars: ScalarWriter,
+        resume_from: Path | None,
+        first_step: int,
+        started_at: float,
+        rl_wall_s: float,
+    ) -> dict[str, Any]:
+        """After the last update: the final evaluations (``rl.eval_split``, then ``data.test``
+        once with ``rl.final_test``), the final checkpoint, ``summary.json`` and ``curves.png``.
+        ``started_at``: the run's start (``time.time()``); ``rl_wall_s``: what :meth:`learn` took."""
+        cfg = self.cfg
         while not self.finish_syncs():
             self.restore_learners(RuntimeError("a learner died while exporting its final weights"))
         before = self.evals[0]
@@ -814,7 +837,7 @@ class Trainer:
             "resumed_from": str(resume_from) if resume_from else None,
             "weight_version": self.version,
             "max_staleness": cfg.rl.max_staleness,
-            "wall_s": time.time() - start,
+            "wall_s": time.time() - started_at,
             "rl_wall_s": rl_wall_s,
             "evals": self.evals,
             "groups": self.ledger.snapshot(),
