@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+from typing import Any
 
 import torch
 
@@ -29,3 +31,35 @@ def configure_cpu(num_threads: int, cpu_cores: list[int], key: str) -> None:
                 pass  # the thread ended since the listing
     if num_threads:
         torch.set_num_threads(num_threads)
+
+
+def whereabouts() -> tuple[str, int]:
+    """(Ray node id, process id) of the calling process: what :func:`kill_for_certain` needs."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id(), os.getpid()
+
+
+def _sigkill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # it exited after all
+
+
+def kill_for_certain(actor: Any, where: Any) -> None:
+    """``ray.kill(actor)``, then SIGKILL to its process from a task on its node, where ``where`` is
+    the reference to the actor's :func:`whereabouts` (asked as it started; skipped if it never
+    answered). Ray's kill asks the worker to exit and force-kills it only when that request hangs;
+    when the request fails at once (Ray 2.60, a stopped process it had no connection to yet) the
+    process lives on, holding its resources, and a replacement that needs them never starts."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    ray.kill(actor)
+    ready, _ = ray.wait([where], timeout=0)
+    if not ready:
+        return
+    node, pid = ray.get(ready[0])
+    strategy = NodeAffinitySchedulingStrategy(node, soft=False)
+    ray.remote(_sigkill).options(num_cpus=0, scheduling_strategy=strategy).remote(pid)

@@ -47,6 +47,7 @@ from ray.exceptions import RayActorError
 
 from rlaif_ray.config import Config
 from rlaif_ray.groups import Group
+from rlaif_ray.process import kill_for_certain, whereabouts
 from rlaif_ray.ranker.backends import backend_class
 from rlaif_ray.ranker.worker import COUNTERS, RankerWorker, apply_fallback
 from rlaif_ray.telemetry import Telemetry
@@ -79,6 +80,7 @@ class RankerPool:
         self._in_flight: dict[Any, tuple[str, list[Group], bool]] = {}
         self._idle_since: dict[str, float] = {}  # actor name -> when it last had nothing to do
         self._busy_since: dict[str, float] = {}  # actor name -> when it last started or finished a chunk
+        self._where: dict[str, Any] = {}  # actor name -> its (node, pid), to kill it for certain
         self.telemetry = Telemetry("ranker", "pool")
         for _ in range(cfg.ranker.min_actors):
             self._add_actor()
@@ -108,12 +110,14 @@ class RankerPool:
             log_level=self.cfg.log_level,
             plugins=self.cfg.plugins,
         )
+        self._where[name] = self.actors[name].__ray_call__.remote(lambda _: whereabouts())
         self._idle_since[name] = time.monotonic()
         return name
 
     def _remove_actor(self, name: str) -> None:
         self._idle_since.pop(name, None)
         self._busy_since.pop(name, None)
+        self._where.pop(name, None)
         ray.kill(self.actors.pop(name))
 
     def _allowance_s(self, name: str) -> float:
@@ -153,7 +157,7 @@ class RankerPool:
                 self.cfg.rl.actor_timeout_s,
                 groups[:4],
             )
-            ray.kill(self.actors[name])
+            kill_for_certain(self.actors[name], self._where[name])
             del self._busy_since[name]
             self.stuck += 1
         return stuck
@@ -269,6 +273,7 @@ class RankerPool:
         groups again, one chunk each, except the groups it was the :data:`MAX_ACTOR_DEATHS`-th
         death of: those are returned with the fallback."""
         if self.actors.pop(name, None) is not None:
+            self._where.pop(name, None)
             self.restarts += 1
             self.telemetry.count("rlaif_actor_restarts")
             self._add_actor()
