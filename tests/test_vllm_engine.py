@@ -153,26 +153,34 @@ def test_new_versions_are_served_and_old_adapters_evicted(engines, colour_exampl
     assert engine.version == 51 and engine.lora_request.lora_int_id in engine.loaded_loras()
 
 
-def test_loop_with_vllm_rollouts(synthetic_dir: Path, colour_checkpoint: Path, tmp_path: Path) -> None:
-    """A few GRPO_rank steps with vLLM rollout actors: versions advance, every actor serves the
-    learner's latest weights (its greedy answers equal the transformers engine's on them), and those
-    weights were learned (their greedy answers differ from the warm start's on some prompts)."""
-    cfg = vllm_config(
+def vllm_loop_config(
+    synthetic_dir: Path, colour_checkpoint: Path, tmp_path: Path, steps: int, every: int
+) -> Config:
+    """A short loop with 2 vLLM rollout actors on the colour questions (answers the warm start gets
+    right at times), evaluating and checkpointing every ``every`` steps."""
+    return vllm_config(
         synthetic_dir,
         colour_checkpoint,
         tmp_path,
-        f"data.train={colour_checkpoint.parent / 'colour_train.jsonl'}",  # answers it gets right at times
-        "rl.steps=3",
+        f"data.train={colour_checkpoint.parent / 'colour_train.jsonl'}",
+        f"rl.steps={steps}",
         "rl.prompts_per_step=4",
         "rl.group_size=4",
-        "rl.eval_every=2",
-        "rl.checkpoint_every=2",
+        f"rl.eval_every={every}",
+        f"rl.checkpoint_every={every}",
         "rl.eval_examples=8",
         "rollout.num_actors=2",
         "rollout.num_threads=1",
         "learner.num_threads=1",
         "learner.lr=1e-2",
     )
+
+
+def test_loop_with_vllm_rollouts(synthetic_dir: Path, colour_checkpoint: Path, tmp_path: Path) -> None:
+    """A few GRPO_rank steps with vLLM rollout actors: versions advance, every actor serves the
+    learner's latest weights (its greedy answers equal the transformers engine's on them), and those
+    weights were learned (their greedy answers differ from the warm start's on some prompts)."""
+    cfg = vllm_loop_config(synthetic_dir, colour_checkpoint, tmp_path, steps=3, every=2)
     ray.init(num_cpus=4, resources={"ranker": 2}, include_dashboard=False)
     try:
         cfg, run_dir, model_dir = prepare_run(cfg)
@@ -213,22 +221,7 @@ def test_a_vllm_rollout_actor_killed_mid_run_serves_the_newest_version_again(
     sampled by old weights, and at the end both actors hold the final version."""
     from test_faults import assert_accounted, kill_when
 
-    cfg = vllm_config(
-        synthetic_dir,
-        colour_checkpoint,
-        tmp_path,
-        f"data.train={colour_checkpoint.parent / 'colour_train.jsonl'}",
-        "rl.steps=4",
-        "rl.prompts_per_step=4",
-        "rl.group_size=4",
-        "rl.eval_every=100",
-        "rl.checkpoint_every=100",
-        "rl.eval_examples=8",
-        "rollout.num_actors=2",
-        "rollout.num_threads=1",
-        "learner.num_threads=1",
-        "learner.lr=1e-2",
-    )
+    cfg = vllm_loop_config(synthetic_dir, colour_checkpoint, tmp_path, steps=4, every=100)
     ray.init(num_cpus=4, resources={"ranker": 2}, include_dashboard=False)
     try:
         cfg, run_dir, model_dir = prepare_run(cfg)
