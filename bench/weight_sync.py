@@ -10,13 +10,15 @@ rollout actors, real Ray actors. Each version is published along the path of
 ``rlaif_ray.launch.Trainer.sync_weights``: the learner's ``export_weights`` returns its trainable
 tensors as a ``WeightsMessage`` (numpy views of the parameters' storages, no copy), which Ray
 writes once into the object store; every rollout actor's ``update_weights`` is handed that
-reference, reads the arrays as views of the store's shared memory and copies them into its
-parameters; ``sync_s`` is the time until every rollout actor has returned, ``export_s`` the part
-until the export was in the object store. The cases:
+reference and reads the arrays as views of the store's shared memory (read-only), which the
+transformers engine on the CPU keeps as its parameters (``load_trainable_state_dict(share=True)``:
+no copy; vLLM writes an adapter); ``sync_s`` is the time until every rollout actor has returned,
+``export_s`` the part until the export was in the object store. The cases:
 
 * ``tiny_hf``: the built-in tiny default policy (``configs/default.yaml``, SFT warm start): the
   real ``LearnerWorker`` (DeepSpeed) and ``RolloutWorker`` with the transformers engine, whose
-  ``load_weights`` is ``VideoLMPolicy.load_trainable_state_dict`` (``copy_`` into the parameters).
+  ``load_weights`` is ``VideoLMPolicy.load_trainable_state_dict`` (the store's views become the
+  parameters).
 * ``tiny_vllm``: the same with ``rollout.engine=vllm`` (vLLM's CPU build, eager mode): each
   version is written to disk as a peft adapter, loaded by vLLM as a new ``LoRARequest``, and the
   projector is copied in.
@@ -91,7 +93,7 @@ CASES = ("tiny_hf", "tiny_vllm", "lora7b_hf", "lora7b_hf_separate")
 STAND_IN_CASES = ("lora7b_hf", "lora7b_hf_separate")
 # Vicuna-7B (Llama): hidden size, MLP size; the paper's LoRA rank and target modules.
 LLAMA_7B = {"hidden": 4096, "mlp": 11008, "rank": 64}
-# One thread, as each stand-in actor copies with: on a shared machine a 2-thread copy_ stalls at
+# One thread, as each stand-in actor runs with: on a shared machine a 2-thread copy_ stalls at
 # every tensor whenever one of its threads is descheduled (0.5-1 s instead of 60 ms for 320 MB).
 COPY_THREADS = 1
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -131,6 +133,7 @@ class LoraStandIn(nn.Module):
     trainable_tensors = VideoLMPolicy.trainable_tensors
     trainable_state_dict = VideoLMPolicy.trainable_state_dict
     load_trainable_state_dict = VideoLMPolicy.load_trainable_state_dict
+    shares_weights = VideoLMPolicy.shares_weights
 
     def __init__(self, layers: int, dtype: str, seed: int | None) -> None:
         super().__init__()

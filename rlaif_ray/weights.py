@@ -76,9 +76,14 @@ class WeightsMessage:
             buffers.append(pack({name: tensors[name] for name in to_pack}, len(buffers), places))
         return cls(buffers, places)
 
+    def read_only(self) -> bool:
+        """Whether every buffer is read-only, as those read from Ray's object store are: their
+        memory never changes, so a reader may keep views of it (which keep the object alive)
+        instead of copying. A message made in this process views live tensors: copy from it."""
+        return all(not buffer.flags.writeable for buffer in self.buffers)
+
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The tensors, as views of the buffers. Buffers read from the object store are read-only:
-        copy from these tensors, never write into them."""
+        """The tensors, as views of the buffers (never write into them)."""
         with warnings.catch_warnings():  # torch warns for every read-only array it wraps
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             raw = [torch.from_numpy(buffer) for buffer in self.buffers]

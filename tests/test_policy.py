@@ -501,6 +501,43 @@ def test_trainable_state_dict_moves_weights_into_another_policy(fresh):
     torch.testing.assert_close(logprobs(target), before, atol=0, rtol=0)
 
 
+def test_shared_load_keeps_the_tensors_and_never_writes_them(fresh):
+    """``share=True`` makes each CPU parameter of the same dtype the given tensor itself (no copy);
+    a tensor of another dtype gives a converted copy; a later load without ``share`` gives the
+    parameters copies of their own instead of writing into what they shared."""
+    source = fresh(seed=0)
+    perturb(source, seed=13)
+    target = fresh(seed=1)
+    state = source.trainable_state_dict()
+    odd = next(k for k in state if k.startswith("lm."))
+    state[odd] = state[odd].double()  # another dtype than the parameter's
+    target.load_trainable_state_dict(state, share=True)
+    served = target.trainable_tensors()
+    for key, value in state.items():
+        if key == odd:
+            assert served[key].dtype == torch.float32 and served[key].data_ptr() != value.data_ptr()
+        else:
+            assert served[key].data_ptr() == value.data_ptr(), key
+    assert target.shares_weights
+    state[odd] = state[odd].float()
+    torch.testing.assert_close(logprobs(target), logprobs(source), atol=1e-6, rtol=0)
+
+    shared = {k: v.clone() for k, v in state.items()}
+    perturb(source, seed=14)
+    target.load_trainable_state_dict(source.trainable_state_dict())
+    assert all(torch.equal(state[k], shared[k]) for k in state), "a shared tensor was written"
+    assert not target.shares_weights
+    torch.testing.assert_close(logprobs(target), logprobs(source), atol=1e-6, rtol=0)
+
+
+def test_load_trainable_state_dict_rejects_a_wrong_shape(policy: VideoLMPolicy):
+    state = policy.trainable_state_dict()
+    key = next(k for k in state if k.startswith("lm."))
+    state[key] = state[key][:1]
+    with pytest.raises(ValueError, match="shape"):
+        policy.load_trainable_state_dict(state, share=True)
+
+
 def test_load_trainable_state_dict_rejects_mismatching_names(policy: VideoLMPolicy):
     state = policy.trainable_state_dict()
     before = logprobs(policy)

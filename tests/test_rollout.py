@@ -11,6 +11,7 @@ import pytest
 import ray
 import torch
 from test_video import BAD_VIDEOS, make_bad_video
+from test_weights import through_pickle
 
 from rlaif_ray.config import Config
 from rlaif_ray.data.dataset import VideoQAExample, load_jsonl
@@ -65,6 +66,31 @@ def test_update_weights_changes_what_is_served(small_config: Config) -> None:
     assert greedy(fresh) == after
     served = worker.engine.policy.trainable_state_dict()
     assert all(torch.equal(served[k], state[k]) for k in state)
+
+
+def test_weights_from_the_object_store_are_served_without_a_copy(small_config: Config) -> None:
+    """A read-only message (what Ray's object store hands an actor) is served as it is: the
+    parameters are views of its buffers. A message of live tensors made in-process is copied, so
+    that changing those tensors later does not change what is served."""
+    worker = RolloutWorker(small_config, small_config.model.path)
+    policy = worker.engine.policy
+    state = {k: v + 0.01 for k, v in policy.trainable_state_dict().items()}
+    live = WeightsMessage.of(state)
+    assert not live.read_only()
+    worker.update_weights(1, live)
+    for value in state.values():
+        value.add_(1.0)
+    served = policy.trainable_tensors()
+    assert all(not torch.equal(served[k], state[k]) for k in state)
+
+    stored = through_pickle(WeightsMessage.of(state))
+    assert stored.read_only()
+    worker.update_weights(2, stored)
+    spans = [(buffer.ctypes.data, buffer.ctypes.data + buffer.nbytes) for buffer in stored.buffers]
+    served = policy.trainable_tensors()
+    for key, value in state.items():
+        assert any(lo <= served[key].data_ptr() < hi for lo, hi in spans), key
+        assert torch.equal(served[key], value), key
 
 
 def test_num_threads_and_cpu_cores_set_the_actors_process(small_config: Config) -> None:

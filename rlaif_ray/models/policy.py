@@ -272,6 +272,9 @@ class VideoLMPolicy(VideoInputs):
     adapter disabled: there is never a second copy of the language model.
     """
 
+    # Whether trainable parameters hold tensors handed to load_trainable_state_dict(share=True).
+    shares_weights = False
+
     def __init__(
         self,
         spec: dict[str, Any],
@@ -371,9 +374,17 @@ class VideoLMPolicy(VideoInputs):
             k: v.clone() if v.device.type == "cpu" else v.cpu() for k, v in self.trainable_tensors().items()
         }
 
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy tensors named as :meth:`trainable_tensors` names them into the parameters (the names
-        must match exactly; ``state`` is only read)."""
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], share: bool = False) -> None:
+        """Load tensors named as :meth:`trainable_tensors` names them into the parameters (the names
+        must match exactly; ``state`` is never written). By default each is copied into its
+        parameter. With ``share``, a CPU parameter takes the given tensor itself as its data when
+        their dtype and shape match (no copy: the parameter then keeps that memory, which must not
+        change while served, e.g. a read-only view of Ray's object store), else a converted copy of
+        it; a parameter elsewhere (a GPU) is copied into as by default. A parameter that has taken
+        a tensor is never written in place afterwards: a later load without ``share`` gives it a
+        copy of its own."""
+        params = {f"projector.{k}": v for k, v in self.projector.named_parameters()}
+        params.update((f"lm.{k}", v) for k, v in self.lm.named_parameters())
         expected = set(self.trainable_tensors())
         missing, unexpected = expected - set(state), set(state) - expected
         if missing or unexpected:
@@ -381,13 +392,20 @@ class VideoLMPolicy(VideoInputs):
                 f"weight update does not match the policy: missing {sorted(missing)[:3]}, "
                 f"unexpected {sorted(unexpected)[:3]}"
             )
-        params = dict(self.lm.named_parameters())
         with torch.no_grad():
             for key, value in state.items():
-                if key.startswith("projector."):
-                    self.projector.state_dict()[key[len("projector.") :]].copy_(value)
+                param = params[key]
+                if value.shape != param.shape:
+                    raise ValueError(
+                        f"weight update: {key} has shape {tuple(value.shape)}, the policy's {tuple(param.shape)}"
+                    )
+                if share and param.device.type == "cpu":
+                    param.data = value.to(param.dtype)  # value itself when the dtype matches
+                elif self.shares_weights:
+                    param.data = value.to(param.device, param.dtype, copy=True)
                 else:
-                    params[key[len("lm.") :]].copy_(value)
+                    param.copy_(value)
+        self.shares_weights = share
 
     def encode_video(
         self, pixels: torch.Tensor | None, reference: bool = False, features: torch.Tensor | None = None

@@ -32,8 +32,10 @@ class RolloutEngine(abc.ABC):
         """``group_size`` answers for each (frames, question), prompt-major; frames None: text-only."""
 
     @abc.abstractmethod
-    def load_weights(self, version: int, state: dict[str, torch.Tensor]) -> None:
-        """Serve ``version``, whose trainable tensors (LoRA + projector) are ``state``."""
+    def load_weights(self, version: int, state: dict[str, torch.Tensor], immutable: bool = False) -> None:
+        """Serve ``version``, whose trainable tensors (LoRA + projector) are ``state``; with
+        ``immutable`` they never change (read from the object store): the engine may keep them
+        instead of copying."""
 
     def close(self) -> None:  # noqa: B027 (an engine that writes nothing has nothing to remove)
         """Remove what the engine wrote to disk (nothing unless it says otherwise)."""
@@ -67,8 +69,11 @@ class HFEngine(RolloutEngine):
             frames, questions, group_size, r.temperature, r.top_p, r.max_new_tokens, greedy=greedy
         )
 
-    def load_weights(self, version: int, state: dict[str, torch.Tensor]) -> None:
-        self.policy.load_trainable_state_dict(state)
+    def load_weights(self, version: int, state: dict[str, torch.Tensor], immutable: bool = False) -> None:
+        # A policy on the CPU serves immutable tensors (views of the object store's shared memory,
+        # one copy per node for every actor on it) as they are, instead of copying them: it never
+        # writes its parameters, and the views keep the version's object alive until the next one.
+        self.policy.load_trainable_state_dict(state, share=immutable)
         self.version = version
 
 

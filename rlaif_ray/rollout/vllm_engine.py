@@ -202,8 +202,9 @@ class VLLMEngine(RolloutEngine):
         """Integer ids of the adapters vLLM holds now (at most ``rl.max_staleness + 1``)."""
         return set(self.llm.llm_engine.list_loras())
 
-    def load_weights(self, version: int, state: dict[str, torch.Tensor]) -> None:
-        """Serve ``version`` (newer than every version served so far: the adapter folders are per version)."""
+    def load_weights(self, version: int, state: dict[str, torch.Tensor], immutable: bool = False) -> None:
+        """Serve ``version`` (newer than every version served so far: the adapter folders are per
+        version). The adapter is written to disk and the projector copied, ``immutable`` or not."""
         self._serve_lora(version, state)
         self.projector.load_state_dict(
             {k[len("projector.") :]: v for k, v in state.items() if k.startswith("projector.")}

@@ -128,7 +128,7 @@ class RolloutWorker:
         already); returns the version served."""
         if version == self.engine.version:
             return version
-        self.engine.load_weights(version, weights.tensors())
+        self.engine.load_weights(version, weights.tensors(), immutable=weights.read_only())
         self.telemetry.set("rlaif_weight_version", self.engine.version)
         return self.engine.version
 
