@@ -53,6 +53,7 @@ from rlaif_ray.logs import ScalarWriter, progress_line, setup_logging
 from rlaif_ray.models.tiny import ensure_model
 from rlaif_ray.plot import plot_runs
 from rlaif_ray.prepare import ensure_judge
+from rlaif_ray.process import ask_whereabouts, kill_for_certain
 from rlaif_ray.ranker.backends import backend_class
 from rlaif_ray.ranker.pool import RankerPool
 from rlaif_ray.rollout.worker import RolloutWorker, WeightsBehind
@@ -238,6 +239,9 @@ class Trainer:
         self.rng = random.Random(cfg.seed)
         self.learners = start_learners(cfg, policy_dir)
         self.rollouts = start_rollouts(cfg, policy_dir)
+        # Each actor's (node, pid), asked as it starts: a stuck one is killed for certain.
+        self.learners_where = [ask_whereabouts(learner) for learner in self.learners]
+        self.rollouts_where = [ask_whereabouts(actor) for actor in self.rollouts]
         self.pool = RankerPool(cfg)
         self.version = 0  # the version the learners hold (and the rollout actors are sent)
         self.state_ref: Any = None  # the object-store copy of that version's weights
@@ -305,7 +309,7 @@ class Trainer:
             f"rollout-{index} did not answer {what} within rl.actor_timeout_s={self.cfg.rl.actor_timeout_s:g} s"
         )
         log.warning("%s: killed, Ray restarts it", exc)
-        ray.kill(self.rollouts[index], no_restart=False)
+        kill_for_certain(self.rollouts[index], self.rollouts_where[index], no_restart=False)
         for ref, (_, i, _) in self.sampling.items():  # they fail with it: no deadline of theirs left
             if i == index:
                 self.due.pop(ref, None)
@@ -318,8 +322,8 @@ class Trainer:
             f"the learners did not finish {what} within rl.actor_timeout_s={self.cfg.rl.actor_timeout_s:g} s"
         )
         log.warning("%s: killed, restoring them", exc)
-        for learner in self.learners:
-            ray.kill(learner)
+        for learner, where in zip(self.learners, self.learners_where, strict=True):
+            kill_for_certain(learner, where)
         for ref in [r for r in self.due if r not in self.sampling]:  # the updates fail with them
             del self.due[ref]
         return exc
@@ -398,6 +402,7 @@ class Trainer:
                 ) from exc
         if incarnation != self.incarnations[index]:
             self.incarnations[index] = incarnation
+            self.rollouts_where[index] = ask_whereabouts(actor)
             self.faults["rollout_restarts"] += 1
             log.warning(
                 "rollout-%d died (%s): restarted, now sent weight version %d", index, exc, self.version
@@ -596,6 +601,7 @@ class Trainer:
         )
         stop_actors(self.learners)
         self.learners = start_learners(self.cfg, self.policy_dir)
+        self.learners_where = [ask_whereabouts(learner) for learner in self.learners]
         if folder is None:
             ray.get([learner.set_version.remote(new_version) for learner in self.learners])
         else:

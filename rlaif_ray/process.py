@@ -40,6 +40,11 @@ def whereabouts() -> tuple[str, int]:
     return ray.get_runtime_context().get_node_id(), os.getpid()
 
 
+def ask_whereabouts(actor: Any) -> Any:
+    """A reference to ``actor``'s :func:`whereabouts` (answered after its ``__init__``)."""
+    return actor.__ray_call__.remote(lambda _: whereabouts())
+
+
 def _sigkill(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGKILL)
@@ -47,16 +52,17 @@ def _sigkill(pid: int) -> None:
         pass  # it exited after all
 
 
-def kill_for_certain(actor: Any, where: Any) -> None:
-    """``ray.kill(actor)``, then SIGKILL to its process from a task on its node, where ``where`` is
-    the reference to the actor's :func:`whereabouts` (asked as it started; skipped if it never
-    answered). Ray's kill asks the worker to exit and force-kills it only when that request hangs;
-    when the request fails at once (Ray 2.60, a stopped process it had no connection to yet) the
-    process lives on, holding its resources, and a replacement that needs them never starts."""
+def kill_for_certain(actor: Any, where: Any, no_restart: bool = True) -> None:
+    """``ray.kill(actor, no_restart=no_restart)``, then SIGKILL to its process from a task on its
+    node, where ``where`` is the reference :func:`ask_whereabouts` gave for the process to kill
+    (skipped if it never answered). Ray's kill asks the worker to exit and force-kills it only when
+    that request hangs; when the request fails at once (Ray 2.60, a stopped process it had no
+    connection to yet) the process lives on, holding its resources, and a replacement or restart
+    that needs them never starts."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    ray.kill(actor)
+    ray.kill(actor, no_restart=no_restart)
     ready, _ = ray.wait([where], timeout=0)
     if not ready:
         return

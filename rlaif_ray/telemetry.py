@@ -37,7 +37,9 @@ SECONDS_BOUNDARIES = [0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0
 METRICS: dict[str, MetricSpec] = {
     "rlaif_groups_sampled": MetricSpec("counter", "Groups of answers sampled by a rollout actor."),
     "rlaif_groups_ranked": MetricSpec("counter", "Groups ordered by a ranker actor (fallbacks included)."),
-    "rlaif_groups_learned": MetricSpec("counter", "Groups the learner learned from."),
+    "rlaif_groups_learned": MetricSpec(
+        "counter", "Groups the learner learned from (those of updates a learner restore undid included)."
+    ),
     "rlaif_groups_dropped": MetricSpec(
         "counter", "Groups sampled and never learned, by reason.", ("reason",)
     ),
@@ -158,7 +160,8 @@ class LoopMetrics:
         """Groups learned and dropped, restarts, the learner's loss, KL, clip fraction, gradient
         norm and version, sampled accuracy, and the time of each stage."""
         stats, pipeline, faults = record["learner"], record["pipeline"], record["faults"]
-        self.learner.count_to("rlaif_groups_learned", pipeline["learned"])
+        # A restore moves groups from learned to rolled_back; the counter keeps the work done.
+        self.learner.count_to("rlaif_groups_learned", pipeline["learned"] + pipeline["rolled_back"])
         for reason in ("stale", "unranked", "rolled_back"):
             self.driver.count_to("rlaif_groups_dropped", pipeline[f"dropped_{reason}"], reason=reason)
         self.learner.set("rlaif_weight_version", record["weight_version"])

@@ -50,22 +50,40 @@ def kill_when(cfg: Config, steps_done: int, name: str) -> threading.Thread:
     return thread
 
 
-def stop_when(cfg: Config, steps_done: int, name: str, stopped: list[int]) -> threading.Thread:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (killed, not yet reaped by its parent)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def stop_when(
+    cfg: Config, steps_done: int, name: str, stopped: list[int], gone: list[int]
+) -> threading.Thread:
     """A thread that stops (SIGSTOP) the named actor's process once the run's ``metrics.jsonl``
     holds ``steps_done`` records: alive but answering nothing, as a wedged judge client or a
-    deadlocked call leaves it. The process id goes into ``stopped``."""
+    deadlocked call leaves it. The process id goes into ``stopped``; once the process is gone, the
+    number of records then goes into ``gone``."""
     metrics = Path(cfg.run_dir) / "metrics.jsonl"
+
+    def records() -> int:
+        return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
 
     def watch() -> None:
         deadline = time.time() + 600
-        while time.time() < deadline:
+        while time.time() < deadline and not stopped:
             if not ray.is_initialized() and metrics.is_file():
                 return
-            if metrics.is_file() and len(metrics.read_text().splitlines()) >= steps_done:
+            if records() >= steps_done:
                 actor = ray.get_actor(name)
                 pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
                 os.kill(pid, signal.SIGSTOP)
                 stopped.append(pid)
+            time.sleep(0.05)
+        while stopped and time.time() < deadline:
+            if not alive(stopped[0]):
+                gone.append(records())
                 return
             time.sleep(0.05)
 
@@ -74,20 +92,22 @@ def stop_when(cfg: Config, steps_done: int, name: str, stopped: list[int]) -> th
     return thread
 
 
-@pytest.mark.parametrize("role", ["ranker", "rollout"])
+@pytest.mark.parametrize("role", ["ranker", "rollout", "learner"])
 def test_a_stopped_actor_is_killed_at_its_deadline_and_the_run_finishes(
     small_config: Config, colour_checkpoint: Path, role: str
 ) -> None:
-    """A ranker or rollout actor stopped mid-run answers nothing: after ``rl.actor_timeout_s`` (plus
-    the ranker's per-group deadline for a ranker) the driver kills it, it is replaced or restarted,
-    its work is asked again, and every step is learned, within a bound, with every group accounted."""
+    """A ranker, rollout or learner actor stopped mid-run answers nothing: after
+    ``rl.actor_timeout_s`` (plus the ranker's per-group deadline for a ranker) the driver kills its
+    process, it is replaced, restarted or (the learners) restored, its work is asked again, and
+    every step is learned, within a bound, with every group accounted."""
     cfg = colour_run(small_config, colour_checkpoint, steps=5)
     cfg.rl.actor_timeout_s, cfg.ranker.group_deadline_s = 15.0, 5.0
     cfg.ranker.min_actors = cfg.ranker.max_actors = 1
     cfg.rollout.num_actors = 2
-    name = "ranker-0" if role == "ranker" else "rollout-1"
+    name = {"ranker": "ranker-0", "rollout": "rollout-1", "learner": "learner-0"}[role]
     stopped: list[int] = []
-    stopper = stop_when(cfg, 2, name, stopped)
+    gone: list[int] = []
+    stopper = stop_when(cfg, 2, name, stopped, gone)
     started = time.time()
     try:
         summary = run(cfg)
@@ -100,19 +120,28 @@ def test_a_stopped_actor_is_killed_at_its_deadline_and_the_run_finishes(
                 pass
     took = time.time() - started
     assert stopped, f"{name} was never stopped"
+    # Its process was killed while the run went on (not by Ray's shutdown at the end).
+    assert gone and gone[0] < 5, gone
     # 15 s of deadline (+ 4 groups x 5 s for a ranker), a restart, 5 short steps: well under 5 min.
     assert took < 300, took
     records = records_of(cfg)
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
-    assert summary["groups"]["learned"] == 5 * 4
+    assert summary["steps"] == 5 and summary["groups"]["learned"] == 5 * 4
     assert_accounted(summary)
     faults = summary["faults"]
+    stuck = {"stuck_ranker": 0, "stuck_rollout": 0, "stuck_learner": 0, f"stuck_{role}": 1}
+    assert {key: faults[key] for key in stuck} == stuck
     if role == "ranker":
-        assert faults["stuck_ranker"] == 1 and faults["ranker_restarts"] >= 1
-    else:
-        assert faults["stuck_rollout"] == 1 and faults["rollout_restarts"] >= 1
+        assert faults["ranker_restarts"] >= 1
+    elif role == "rollout":
+        assert faults["rollout_restarts"] >= 1
         assert all(lag == 0 for r in records for lag in r["group_lags"])
-    assert faults["stuck_learner"] == 0
+    else:  # restored from the warm start (no checkpoint yet): the first steps are learned again
+        assert faults["learner_restores"] == 1
+        assert_versions_rise(records)
+    if role != "learner":
+        assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    else:
+        assert [r["step"] for r in records][-5:] == [1, 2, 3, 4, 5]
 
 
 def assert_versions_rise(records: list[dict]) -> None:

@@ -18,7 +18,8 @@ from bench.gpu_check import MODULES
 from rlaif_ray.config import Config
 from rlaif_ray.launch import run
 from rlaif_ray.learner.engine import free_port
-from rlaif_ray.telemetry import METRICS, Telemetry
+from rlaif_ray.ledger import OUTCOMES
+from rlaif_ray.telemetry import METRICS, LoopMetrics, Telemetry
 
 REPO = Path(__file__).resolve().parents[1]
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -37,6 +38,26 @@ def test_a_call_that_does_not_match_the_declaration_fails_loudly() -> None:
     telemetry.count_to("rlaif_groups_dropped", 3, reason="stale")  # outside Ray: nothing recorded
     with pytest.raises(ValueError, match="cannot decrease"):
         telemetry.count_to("rlaif_groups_dropped", 2, reason="stale")
+
+
+def test_loop_counters_keep_the_groups_of_an_update_a_restore_undid() -> None:
+    """A learner restore moves groups from ``learned`` to ``rolled_back`` (learned 8 -> 0, then 4
+    after the next update): the learned counter, which may never go down, counts them all."""
+    metrics = LoopMetrics()
+
+    def record(learned: int, rolled_back: int, restores: int) -> dict:
+        pipeline = {**dict.fromkeys(OUTCOMES, 0), "learned": learned, "rolled_back": rolled_back}
+        return {
+            "learner": {"loss": 0.1},
+            "pipeline": pipeline,
+            "faults": {"learner_restores": restores, "rollout_restarts": 0},
+            "weight_version": 1,
+            "time": {f"{stage}_s": 0.1 for stage in ("wait", "learn", "sync", "step")},
+        }
+
+    metrics.publish(record(8, 0, 0))
+    metrics.publish(record(4, 8, 1))
+    assert metrics.learner._totals[("rlaif_groups_learned", ())] == 12
 
 
 def test_the_plain_classes_import_and_record_without_ray() -> None:

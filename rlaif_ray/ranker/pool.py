@@ -47,7 +47,7 @@ from ray.exceptions import RayActorError
 
 from rlaif_ray.config import Config
 from rlaif_ray.groups import Group
-from rlaif_ray.process import kill_for_certain, whereabouts
+from rlaif_ray.process import ask_whereabouts, kill_for_certain
 from rlaif_ray.ranker.backends import backend_class
 from rlaif_ray.ranker.worker import COUNTERS, RankerWorker, apply_fallback
 from rlaif_ray.telemetry import Telemetry
@@ -110,7 +110,7 @@ class RankerPool:
             log_level=self.cfg.log_level,
             plugins=self.cfg.plugins,
         )
-        self._where[name] = self.actors[name].__ray_call__.remote(lambda _: whereabouts())
+        self._where[name] = ask_whereabouts(self.actors[name])
         self._idle_since[name] = time.monotonic()
         return name
 
