@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import threading
 import time
@@ -29,6 +30,7 @@ from rlaif_ray.ranker import (
     make_backend,
     parse_ordering,
 )
+from rlaif_ray.ranker.worker import _Runners
 
 
 def make_group(completions: list[str], reference: str | None = "red circle", group_id: str = "g0") -> Group:
@@ -572,3 +574,39 @@ def test_one_word_references_rank_as_before_graded_answers_existed() -> None:
         candidates = [" ".join(rng.choices(words, k=rng.randint(0, 3))) for _ in range(5)]
         reference = rng.choice(words[:-1])
         assert gt_ranks(reference, candidates) == old_rule(reference, candidates), (reference, candidates)
+
+
+def test_rank_threads_are_reused_and_a_hung_call_keeps_its_own() -> None:
+    """Calls run on daemon threads kept for the next ones; a new thread starts only when every
+    thread is busy (here: 3 calls blocked at once), and none is lost when a call raises."""
+    runners = _Runners()
+    done = queue.SimpleQueue()
+
+    def settle() -> None:  # until every thread is free again (it is once its call has returned)
+        deadline = time.monotonic() + 10
+        while runners.busy() and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    for i in range(20):  # one after another: one thread serves them all
+        runners.run(lambda i=i: done.put(i))
+        assert done.get(timeout=10) == i
+        settle()
+        if i == 10:
+            runners.run(lambda: 1 / 0)  # logged; the thread goes on serving
+            settle()
+    assert runners._threads == 1
+    release = threading.Event()
+    for _ in range(3):
+        runners.run(lambda: (release.wait(10), done.put("blocked")))
+    deadline = time.monotonic() + 10
+    while runners._threads < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert runners._threads == 3 and runners.busy() == 3
+    release.set()
+    assert [done.get(timeout=10) for _ in range(3)] == ["blocked"] * 3
+    settle()
+    for i in range(5):
+        runners.run(lambda i=i: done.put(i))
+        assert done.get(timeout=10) == i
+        settle()
+    assert runners._threads == 3 and runners.busy() == 0

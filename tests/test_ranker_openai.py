@@ -237,6 +237,20 @@ def test_garbage_answers_fall_back_to_tie(server: FakeJudgeServer) -> None:
     assert stats["invalid"] == 3 and stats["fallbacks"] == 1 and stats["errors"] == {"InvalidOrdering": 3}
 
 
+def test_a_reply_that_is_no_chat_completion_is_a_counted_failure(
+    server: FakeJudgeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 200 whose JSON is not an object (here a list) is an error naming the server, retried by
+    the worker, then the fallback."""
+    monkeypatch.setattr(server, "handle", lambda body, authorization: (200, ["not", "a", "completion"]))
+    backend = make_backend(openai_cfg(server))
+    with pytest.raises(ValueError, match=f"{server.base_url}.*no JSON object"):
+        backend.rank(RankPrompt("q", "red"), ["blue", "red"])
+    worker = RankerWorker(openai_cfg(server, max_retries=1), group_size=4)
+    group = worker.rank_group(make_group(ANSWERS))
+    assert group.rank_status == "fallback_tie" and worker.stats()["errors"] == {"ValueError": 2}
+
+
 @pytest.mark.parametrize("status", [500, 429])
 def test_transient_errors_are_retried_with_backoff(server: FakeJudgeServer, status: int) -> None:
     server.fail_first, server.fail_status = 2, status
@@ -405,11 +419,11 @@ def test_a_hung_judge_meets_the_group_deadline(
     assert all(f"group h{i} passed its deadline of 0.5 s" in m for i, m in enumerate(messages))
     assert all("during attempt 1 (no answer yet)" in m for m in messages)
     server.delay_s, server.reply = 0.0, lambda prompt: "no ranking"
-    server.release.set()  # the hung requests are answered; the abandoned threads end quietly
+    server.release.set()  # the hung requests are answered; the abandoned calls end quietly
     deadline = time.monotonic() + 10
-    while any(t.name.startswith("rank-h") for t in threading.enumerate()) and time.monotonic() < deadline:
+    while worker._runners.busy() and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert not any(t.name.startswith("rank-h") for t in threading.enumerate())
+    assert worker._runners.busy() == 0
     assert server.calls == 3 and worker.stats()["errors"] == {} and len(worker_messages(caplog)) == 3
 
 

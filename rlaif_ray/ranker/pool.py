@@ -193,6 +193,8 @@ class RankerPool:
     def _chunk_size(self) -> int:
         """Groups per call: what the backend ranks at once, or a share of a long queue spread over
         ``max_actors`` actors (``CALLS_PER_ACTOR`` calls each), whichever is larger."""
+        if self._requests_per_actor() > 1:
+            return self._requests_per_actor()
         share = math.ceil(len(self._queue) / (CALLS_PER_ACTOR * self.cfg.ranker.max_actors))
         return max(self._requests_per_actor(), share)
 

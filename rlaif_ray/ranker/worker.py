@@ -19,7 +19,9 @@ backend looks at the video (``needs_video``) and it does not decode here (warned
 Each group is ranked in a thread of its own, at most ``backend.concurrency`` at once. That is what
 lets the worker keep its deadline when a backend call hangs: the worker stops waiting for the
 group, and the thread finishes its call in the background (bounded by the backend's own timeouts),
-starts no further attempt, and its result is ignored.
+starts no further attempt, and its result is ignored. The threads are daemons kept for the next
+groups once their group is settled (:class:`_Runners`): starting a thread waits until it holds the
+interpreter lock, milliseconds when the process's request threads are busy, at every group.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import queue
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,6 +102,43 @@ class _Job:
     last_error: str = ""
 
 
+class _Runners:
+    """Daemon threads that run the calls given to :meth:`run`, one each, reused when free; a new
+    thread starts only when none is free (a call that hangs keeps its thread)."""
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._free = 0
+
+    def run(self, call: Callable[[], None]) -> None:
+        with self._lock:
+            start = self._free == 0
+            if start:
+                self._threads += 1
+            else:
+                self._free -= 1
+        self._calls.put(call)
+        if start:
+            threading.Thread(target=self._serve, name="rank", daemon=True).start()
+
+    def busy(self) -> int:
+        """Calls given and not finished (an abandoned call included until it returns)."""
+        with self._lock:
+            return self._threads - self._free
+
+    def _serve(self) -> None:
+        while True:
+            call = self._calls.get()
+            try:
+                call()
+            except Exception:  # (the calls catch their own errors): keep the thread all the same
+                log.exception("ranker: a call on a rank thread raised")
+            with self._lock:
+                self._free += 1
+
+
 class RankerWorker:
     """Ranks groups of ``group_size`` answers with ``backend`` (default: ``make_backend(cfg)``).
 
@@ -135,6 +174,7 @@ class RankerWorker:
             else None
         )
         self._lock = threading.Lock()
+        self._runners = _Runners()
         self._counts: Counter[str] = Counter()
         self._errors: Counter[str] = Counter()
         self._rank_s = 0.0
@@ -273,10 +313,7 @@ class RankerWorker:
 
     def _start(self, job: _Job, settled: queue.SimpleQueue[_Job]) -> _Job:
         job.deadline = time.monotonic() + self.cfg.group_deadline_s
-        thread = threading.Thread(
-            target=self._attempt, args=(job, settled), name=f"rank-{job.group.group_id}", daemon=True
-        )
-        thread.start()
+        self._runners.run(lambda: self._attempt(job, settled))
         return job
 
     def _attempt(self, job: _Job, settled: queue.SimpleQueue[_Job]) -> None:
