@@ -18,7 +18,8 @@ groups of ``rl.group_size`` answers, ``--trials`` times, along two paths:
 Reports groups per second, parallel efficiency against one actor on the same path, the fraction
 of the judge's limit reached, and what the judge saw: the time-weighted mean and the most
 requests in service at once (the in-flight depth the pool kept up). Each pool is warmed up
-(actors started, one request each) before it is timed. Prints a table and writes
+(actors started, then two full waves of requests: every slot's connection and thread made) before it is
+timed. Prints a table and writes
 ``bench/results/<name>.json``.
 """
 
@@ -197,8 +198,12 @@ def main() -> None:
     try:
         for actors in args.actors:
             pool = RankerPool(pool_config(args, actors, judge.base_url))
-            # Warm up: every actor started and one request each (client and connection made).
-            pool.rank(make_groups(actors, args.group_size, f"warmup{actors}", rng))
+            # Warm up: every actor started, then a full wave of requests twice (every request slot's
+            # connection and thread made, the first trial pays no set-up).
+            for wave in range(2):
+                pool.rank(
+                    make_groups(actors * args.concurrency, args.group_size, f"warmup{actors}.{wave}", rng)
+                )
             runs: dict[str, list[dict[str, Any]]] = {path: [] for path in paths}
             for t in range(args.trials):
                 for path in paths:  # interleaved, so that drift of the machine hits both alike

@@ -222,6 +222,13 @@ def test_an_actor_takes_new_groups_as_its_requests_finish(local_ray) -> None:
     try:
         pool = RankerPool(judge_config(judge.base_url, "ranker.openai_max_concurrency=2"))
         ranked = pool.rank([make_group(0, question="slow?"), *(make_group(i) for i in range(1, 4))])
+        # A long queue goes out a wave (2 groups) at a time, not in shares of the queue.
+        pool.submit([make_group(i) for i in range(10, 22)])
+        assert [len(chunk) for _, chunk, _ in pool._in_flight.values()] == [2, 2]
+        while pool.pending:
+            done, _ = ray.wait(pool.in_flight(), num_returns=1)
+            ranked_later = pool.collect(done[0])
+            assert len(ranked_later) == 2 and all(g.rank_status == "ok" for g in ranked_later)
     finally:
         judge.release.set()
         judge.httpd.shutdown()

@@ -5,13 +5,13 @@ resource ``ranker.resource`` so that the cluster launcher (``cluster/autoscale.y
 nodes when actors are pending and removes them when idle.
 
 Groups stream through it: :meth:`RankerPool.submit` queues them, :meth:`RankerPool.dispatch` keeps
-:data:`CALLS_PER_ACTOR` chunks of the queue with every actor (each enough groups to fill its
+:data:`CALLS_PER_ACTOR` chunks of the queue with every actor (each exactly one wave of its
 backend's concurrent requests, which the backend class declares (``concurrency_for``:
-``ranker.openai_max_concurrency`` for the ``openai`` backend, 1 for the others), or a fair share of
-a long queue): an actor never waits for the driver between chunks, and an actor whose backend
-ranks several groups at once runs its two chunks at once, so its requests start as earlier ones finish instead of draining
-at the end of each chunk (the backend still holds at most ``ranker.openai_max_concurrency`` requests
-in flight). The driver waits on :meth:`RankerPool.in_flight` together with its other work and passes
+``ranker.openai_max_concurrency`` for the ``openai`` backend), or for a backend that ranks one
+group at a time a fair share of a long queue): an actor never waits for the driver between chunks,
+and an actor whose backend ranks several groups at once runs its two chunks at once, so its
+requests start as earlier ones finish instead of draining at the end of each chunk (the backend
+still holds at most ``ranker.openai_max_concurrency`` requests in flight). The driver waits on :meth:`RankerPool.in_flight` together with its other work and passes
 each finished reference to :meth:`RankerPool.collect`, which returns that chunk's ranked groups.
 :meth:`RankerPool.rank` does all of that for one list and returns it in order. The pool grows by one
 actor whenever more than ``ranker.scale_up_backlog`` groups per actor wait, and retires an actor
@@ -191,12 +191,13 @@ class RankerPool:
         self.dispatch()
 
     def _chunk_size(self) -> int:
-        """Groups per call: what the backend ranks at once, or a share of a long queue spread over
-        ``max_actors`` actors (``CALLS_PER_ACTOR`` calls each), whichever is larger."""
+        """Groups per call. A backend of concurrent requests: one wave of them (a larger chunk
+        holds its actor for several waves, while the others may run dry at the end of a queue).
+        A backend that ranks one group at a time (in microseconds, where the call costs more):
+        a share of a long queue spread over ``max_actors`` actors, ``CALLS_PER_ACTOR`` calls each."""
         if self._requests_per_actor() > 1:
             return self._requests_per_actor()
-        share = math.ceil(len(self._queue) / (CALLS_PER_ACTOR * self.cfg.ranker.max_actors))
-        return max(self._requests_per_actor(), share)
+        return math.ceil(len(self._queue) / (CALLS_PER_ACTOR * self.cfg.ranker.max_actors))
 
     def _requests_per_actor(self) -> int:
         """How many groups an actor's backend ranks at once."""
