@@ -186,6 +186,9 @@ class RankerConfig:
     # so that the autoscaler can release their nodes.
     idle_grace_s: float = 30.0
     num_cpus_per_actor: float = 0.5
+    # Cores every ranker actor's process runs on, empty: anywhere; see rollout.cpu_cores (e.g.
+    # the rollout's, so that on one machine the learner keeps a core of its own).
+    cpu_cores: list[int] = field(default_factory=list)
     # GPUs per ranker actor: a video_judge runs on the GPU it is given, else on the CPU.
     num_gpus_per_actor: float = 0.0
     # Custom resource each ranker actor asks for, so the autoscaler can add ranker nodes.
@@ -453,6 +456,7 @@ def validate(cfg: Config) -> Config:
     for key, cores in (
         ("rollout.cpu_cores", cfg.rollout.cpu_cores),
         ("learner.cpu_cores", cfg.learner.cpu_cores),
+        ("ranker.cpu_cores", cfg.ranker.cpu_cores),
     ):
         _check(
             all(c >= 0 for c in cores) and len(set(cores)) == len(cores),

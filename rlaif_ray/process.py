@@ -14,7 +14,7 @@ def configure_cpu(num_threads: int, cpu_cores: list[int], key: str) -> None:
     (empty: leave the OS to schedule it anywhere it may run).
 
     Every existing thread is pinned (Ray's own threads and any pool torch started), and threads
-    started later inherit it. ``key`` is the config section (``rollout``, ``learner``) the
+    started later inherit it. ``key`` is the config section (``rollout``, ``learner``, ``ranker``) the
     settings came from, named in the error when a core is not one this process may use.
     """
     if cpu_cores:

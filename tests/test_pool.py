@@ -3,6 +3,7 @@ counters that survive the actors, and a judge (a real HTTP server on 127.0.0.1) 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -131,6 +132,22 @@ def test_encoder_features_stay_with_the_driver_and_come_back_with_the_groups(loc
     assert all(g.visual_features is f for g, f in zip(ranked, features, strict=True))
     for name in list(pool.actors):
         ray.kill(pool.actors[name])
+
+
+def test_ranker_cpu_cores_pin_every_ranker_actor(local_ray, cfg: Config) -> None:
+    """``ranker.cpu_cores`` pins each ranker actor's process (all its threads) to those cores."""
+    core = max(os.sched_getaffinity(0))
+    cfg.ranker.cpu_cores = [core]
+    pool = RankerPool(cfg)
+    assert all(g.rank_status == "ok" for g in pool.rank([make_group(i) for i in range(3)]))
+    for actor in pool.actors.values():
+        masks = ray.get(
+            actor.__ray_call__.remote(
+                lambda self: {tuple(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task")}
+            )
+        )
+        assert masks == {(core,)}
+        ray.kill(actor)
 
 
 def test_a_group_without_reference_is_counted_not_tied(local_ray, cfg: Config) -> None:

@@ -41,6 +41,7 @@ from rlaif_ray.config import DataConfig, ModelConfig, RankerConfig
 from rlaif_ray.data.frames import FrameStore
 from rlaif_ray.groups import Group
 from rlaif_ray.logs import setup_logging
+from rlaif_ray.process import configure_cpu
 from rlaif_ray.ranker.backends import RankerBackend, RankPrompt, make_backend
 from rlaif_ray.ranker.prompting import InvalidOrdering, Ordering
 from rlaif_ray.registry import import_plugins
@@ -158,6 +159,7 @@ class RankerWorker:
         plugins: Sequence[str] = (),
     ) -> None:
         setup_logging(log_level)  # (None: the level the driver exported to the environment)
+        configure_cpu(0, cfg.cpu_cores, "ranker")
         import_plugins(plugins)  # the config's ``plugins``, before the backend is looked up
         if cfg.fallback not in ("tie", "drop"):
             raise ValueError(f"ranker.fallback must be 'tie' or 'drop', got {cfg.fallback!r}")
