@@ -10,9 +10,10 @@ import ray
 import torch
 from safetensors.torch import load_file
 
+from rlaif_ray.algo.losses import token_mean
 from rlaif_ray.config import Config
 from rlaif_ray.data.dataset import load_jsonl
-from rlaif_ray.learner.worker import LearnerWorker, build_rows, shard
+from rlaif_ray.learner.worker import LearnerWorker, _pad, build_rows, shard, split_groups
 from rlaif_ray.ranker.worker import RankerWorker
 from rlaif_ray.rollout.worker import RolloutWorker
 from rlaif_ray.weights import WeightsMessage
@@ -183,6 +184,39 @@ def test_learner_scores_without_dropout(small_config: Config) -> None:
     assert stats["rows"] == 4 * cfg.rl.group_size
     assert stats["ratio_max"] == pytest.approx(1.0, abs=1e-5)
     assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_pi_prox_of_stale_groups_is_the_learners_policy_before_the_step(small_config: Config) -> None:
+    """Groups sampled one version behind: the importance weights ``min(pi_prox / mu, cap)`` the
+    loss reports, in both of 2 epochs, are those of the learner's own log-probs before the step
+    (computed here by a separate forward), not the behaviour policy's (weights of 1) nor those of
+    the weights the first epoch moved to."""
+    cfg = small_config
+    cfg.learner.lr, cfg.learner.epochs_per_batch, cfg.algo.is_cap = 1e-2, 2, 100.0
+    cfg.rl.prompts_per_step, cfg.rl.group_size = 4, 4
+    cfg.learner.micro_batch_size = 16  # one micro-batch: the check below sees every row at once
+    rollout = RolloutWorker(cfg, cfg.model.path)
+    examples = load_jsonl(cfg.data.train)[:8]
+    learner = LearnerWorker(cfg, cfg.model.path)
+    learner.setup()
+
+    def ranked(groups: list) -> list:
+        for g in groups:
+            g.ranks, g.rank_status = [float(i) for i in range(g.size)], "ok"
+        return groups
+
+    stale = ranked(rollout.rollout(examples[4:], step=2))  # sampled by version 0
+    learner.train_step(ranked(rollout.rollout(examples[:4], step=1)))  # the learner: version 1
+    rows, _ = build_rows(stale, cfg)
+    with torch.no_grad():
+        prox, mask, _ = learner.policy.answer_logprobs(None, **learner._policy_inputs(split_groups(rows)))
+    behaviour = _pad([r.old_logprobs for r in rows], prox.shape[1], prox.device)
+    expected = token_mean(torch.exp(prox - behaviour).clamp(max=cfg.algo.is_cap), mask).item()
+    assert abs(expected - 1.0) > 1e-4  # the learner moved: the weights are not all 1
+    stats = learner.train_step(stale)
+    assert stats["lag_max"] == 1.0
+    assert stats["is_weight_mean"] == pytest.approx(expected, abs=1e-5)
+    assert stats["ratio_mean"] != pytest.approx(1.0, abs=1e-6)  # the second epoch moved away from pi_prox
 
 
 def test_the_learner_takes_the_rollouts_encoder_output_instead_of_decoding(

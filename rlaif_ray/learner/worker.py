@@ -275,17 +275,18 @@ class LearnerWorker:
         real_chunks = sum(1 for c in chunks if c) * self.cfg.learner.epochs_per_batch
         lags = [self.version - r.weight_version for r in rows]
         off_policy = max(lags) > 0
-        # Under ZeRO-3 the extra forward is a collective: every rank runs it, real rows or not.
-        prox = [self._prox_logprobs(chunk or mine[:1]) if off_policy else None for chunk in chunks]
+        # pi_prox of each micro-batch (stale rows only): its log-probs in the first epoch, whose
+        # weights are this step's starting ones (they change only at the epoch's optimizer step).
+        prox: list[torch.Tensor | None] = [None] * n_micro
         stats.update({"lag_max": float(max(lags)), "lag_mean": sum(lags) / len(lags)})
         optimizer = self.engine.basic_optimizer
         applied_before = optimizer.applied
         for _ in range(self.cfg.learner.epochs_per_batch):
             optimizer.skip_next = False  # DeepSpeed may have skipped the last step without calling it
-            for chunk, chunk_prox in zip(chunks, prox, strict=True):
+            for i, chunk in enumerate(chunks):
                 # An empty share still runs (with zero weight): every rank must reduce gradients.
-                micro_stats = self._micro_step(
-                    chunk or mine[:1], bool(chunk), global_count, n_micro, chunk_prox
+                micro_stats, prox[i] = self._micro_step(
+                    chunk or mine[:1], bool(chunk), global_count, n_micro, off_policy, prox[i]
                 )
                 if chunk and not math.isfinite(micro_stats["loss"]):
                     optimizer.skip_next = True  # every rank skips this epoch's update
@@ -329,24 +330,23 @@ class LearnerWorker:
             "temperature": self.cfg.rollout.temperature,
         }
 
-    @torch.no_grad()
-    def _prox_logprobs(self, groups: list[list[TrainRow]]) -> torch.Tensor:
-        """The learner's log-probs of the answers of ``groups`` before this step's update (``pi_prox``)."""
-        logprobs, _, _ = self.policy.answer_logprobs(None, **self._policy_inputs(groups))
-        return logprobs
-
     def _micro_step(
         self,
         groups: list[list[TrainRow]],
         real: bool,
         global_count: int,
         n_micro: int,
+        off_policy: bool = False,
         prox: torch.Tensor | None = None,
-    ) -> dict[str, float]:
+    ) -> tuple[dict[str, float], torch.Tensor | None]:
+        """One micro-batch's forward, loss and backward; returns its stats and, for stale rows
+        (``off_policy``), ``pi_prox``: ``prox`` when given (a later epoch), else these log-probs."""
         rows = [r for group in groups for r in group]
         inputs = self._policy_inputs(groups)
         algo = self.cfg.algo
         logprobs, mask, entropy = self.engine(None, with_entropy=algo.entropy_coef > 0, **inputs)
+        if off_policy and prox is None:
+            prox = logprobs.detach()
         ref = None
         if algo.kl_coef > 0:
             ref, _, _ = self.policy.answer_logprobs(None, reference=True, **inputs)
@@ -376,7 +376,7 @@ class LearnerWorker:
         # by the micro-batch count and averages over ranks, which the last two factors undo.
         scale = (local_count / global_count) * n_micro * self.world_size if real else 0.0
         self.engine.backward(loss * scale)
-        return stats
+        return stats, prox
 
     def _visual_features(self, rows: list[TrainRow]) -> torch.Tensor | None:
         """Frozen encoder features [V, N, D] of the rows that have a video, in order (text-only rows
