@@ -11,8 +11,9 @@ backend's concurrent requests, which the backend class declares (``concurrency_f
 group at a time a fair share of a long queue): an actor never waits for the driver between chunks,
 and an actor whose backend ranks several groups at once runs its two chunks at once, so its
 requests start as earlier ones finish instead of draining at the end of each chunk (the backend
-still holds at most ``ranker.openai_max_concurrency`` requests in flight). The driver waits on :meth:`RankerPool.in_flight` together with its other work and passes
-each finished reference to :meth:`RankerPool.collect`, which returns that chunk's ranked groups.
+still holds at most ``ranker.openai_max_concurrency`` requests in flight). The driver waits on
+:meth:`RankerPool.in_flight` together with its other work and passes each finished reference to
+:meth:`RankerPool.collect`, which returns that chunk's ranked groups.
 :meth:`RankerPool.rank` does all of that for one list and returns it in order. The pool grows by one
 actor whenever more than ``ranker.scale_up_backlog`` groups per actor wait, and retires an actor
 that has had nothing to do for ``ranker.idle_grace_s`` seconds (down to ``ranker.min_actors``): a
