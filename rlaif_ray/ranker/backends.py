@@ -340,8 +340,8 @@ class OpenAIRanker(RankerBackend):
         while True:
             try:
                 # The client's plain POST: its errors, auth and timeouts, without the typed
-                # request's validation and response models (40% of its CPU per request: a ranker
-                # actor's cores are shared by several actors and their request threads).
+                # request's validation and response models (about a third of its CPU per
+                # request: a ranker actor's cores are shared by several actors and their threads).
                 with self._slots:
                     reply = self.client.post("/chat/completions", body=body, cast_to=object)
                 if not isinstance(reply, dict):
