@@ -146,6 +146,11 @@ class RolloutConfig:
     # node this gives the rollout cores of its own, as a node of its own would (Ray's num_cpus
     # only counts, it pins nothing).
     cpu_cores: list[int] = field(default_factory=list)
+    # The rollout actor also scores each sampled answer under the reference policy (the KL
+    # penalty's, when algo.kl_coef > 0) and sends those log-probs with the group, so that the
+    # learner skips its reference pass: with rl.max_staleness > 0 that work moves off the
+    # learner, the slowest stage (docs/BENCHMARKS.md). The hf engine only.
+    reference_logprobs: bool = False
     temperature: float = 1.0
     # Must stay 1.0 for training rollouts: vLLM renormalises log-probs over the nucleus, the
     # learner does not, so top_p < 1 would start every importance ratio below 1 (rejected).
@@ -580,6 +585,12 @@ def validate(cfg: Config) -> Config:
             f"a divisor of rl.prompts_per_step * rl.group_size "
             f"({cfg.rl.prompts_per_step * cfg.rl.group_size}) so that every learner gets an equal share",
         )
+    _check(
+        cfg.rollout.engine == "hf" or not cfg.rollout.reference_logprobs,
+        "rollout.reference_logprobs",
+        cfg.rollout.reference_logprobs,
+        f"false with rollout.engine {cfg.rollout.engine!r}: only the hf engine scores the reference",
+    )
     if cfg.rollout.engine == "vllm":
         _check(
             cfg.rollout.vllm_max_lora_rank >= cfg.model.lora_r,

@@ -44,6 +44,9 @@ class Group:
     # actor that sampled the group: the learner projects it instead of decoding and encoding the
     # video again (None: text-only, or ``learner.reencode_videos``).
     visual_features: Any = None
+    # Per-token log-probabilities of ``completion_ids`` under the reference policy, from the
+    # rollout actor (``rollout.reference_logprobs``); None: the learner computes them.
+    ref_logprobs: list[list[float]] | None = None
 
     @property
     def size(self) -> int:

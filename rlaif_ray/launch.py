@@ -15,6 +15,7 @@ the end, ``curves.png`` (``rlaif_ray.plot``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import ray
 import torch
@@ -266,6 +267,9 @@ class Trainer:
         self.rows_bad_video = 0  # answers the learner dropped because their video failed there
         self.sampled_without_reference = 0  # groups sampled for prompts nobody labelled
         self.metrics = LoopMetrics()  # live metrics (Ray dashboard, Prometheus)
+        # The last step's record (metrics.jsonl, TensorBoard, live metrics, job log), written while
+        # the learner runs the next update instead of before it is sent: see write_record.
+        self.unwritten: Callable[[], None] | None = None
 
     # ---- sampling and ranking
 
@@ -583,6 +587,7 @@ class Trainer:
         newest checkpoint, or from the warm start when there is none yet. The updates since then
         are rolled back; the restored weights are published as a version above every version
         served so far, and groups sampled by rolled-back weights are dropped (counted)."""
+        self.write_record()
         self.faults["learner_restores"] += 1
         if self.faults["learner_restores"] > self.cfg.learner.max_restores:
             raise RuntimeError(
@@ -662,6 +667,7 @@ class Trainer:
             lags = [self.version - g.weight_version for g in batch]
             groups_ref = ray.put(batch)
             updates = [self.track(learner.train_step.remote(groups_ref)) for learner in self.learners]
+            self.write_record()
             try:
                 while not self.progress(until=updates):
                     self.sample_ahead()
@@ -737,57 +743,82 @@ class Trainer:
     def learn(self, metrics_path: Path, scalars: ScalarWriter) -> float:
         """Updates until ``rl.steps`` (or ``rl.time_limit_s``), each recorded in ``metrics_path``,
         TensorBoard and the live metrics, with the evaluations and checkpoints the config asks
-        for. Returns the seconds it took, evaluations excluded."""
+        for. Returns the seconds it took, evaluations excluded.
+
+        A step's record is written once the next update has been sent (:meth:`write_record`), so
+        that the learner does not wait for it; a step that evaluates, checkpoints or ends the run
+        is written at once."""
         cfg = self.cfg
         first_step = self.step_no
         rl_start = time.time()
         eval_s = 0.0  # evaluation time does not count against rl.time_limit_s
         with metrics_path.open("a") as metrics:
-            while self.step_no < cfg.rl.steps:
-                record = self.step()
-                if record is None:  # learners restored: the loop goes on from the checkpoint's step
-                    continue
-                step = record["step"]
-                out_of_time = (
-                    bool(cfg.rl.time_limit_s) and time.time() - rl_start - eval_s >= cfg.rl.time_limit_s
-                )
-                evaluate = step % cfg.rl.eval_every == 0 and step != cfg.rl.steps and not out_of_time
-                if (evaluate or step % cfg.rl.checkpoint_every == 0) and not self.finish_syncs():
-                    self.restore_learners(RuntimeError("a learner died while exporting its weights"))
-                    continue
-                if evaluate:
-                    t = time.time()
-                    record["eval"] = self.evaluate()
-                    self.evals.append({"step": step, **record["eval"]})
-                    eval_s += time.time() - t
-                if step % cfg.rl.checkpoint_every == 0:
-                    try:
-                        record["checkpoint"] = self.save(f"step_{step}")
-                    except LearnersDied as exc:  # (dead or stuck while saving)
-                        self.restore_learners(exc)
+            try:
+                while self.step_no < cfg.rl.steps:
+                    record = self.step()
+                    self.write_record()  # when the step ended before sending an update
+                    if record is None:  # learners restored: the loop goes on from the checkpoint's step
                         continue
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                scalars.write(step, record)
-                self.metrics.publish(record)
-                done = step - first_step
-                eta_s = (time.time() - rl_start) / max(done, 1) * (cfg.rl.steps - step)
-                if cfg.rl.time_limit_s:
-                    eta_s = min(eta_s, max(0.0, cfg.rl.time_limit_s - (time.time() - rl_start - eval_s)))
-                print(progress_line(record, cfg.rl.steps, eta_s), flush=True)
-                if "eval" in record:
-                    print(
-                        f"[rl] held-out accuracy at step {step}: {record['eval']['accuracy']:.3f} "
-                        f"({cfg.rl.eval_split}, n={record['eval']['n']})",
-                        flush=True,
+                    step = record["step"]
+                    out_of_time = (
+                        bool(cfg.rl.time_limit_s) and time.time() - rl_start - eval_s >= cfg.rl.time_limit_s
                     )
-                if out_of_time:
-                    print(
-                        f"[rl] rl.time_limit_s={cfg.rl.time_limit_s:g} reached after {step} steps", flush=True
-                    )
-                    break
-                self.sample_ahead()  # the next prompts while this step is recorded and evaluated
+                    evaluate = step % cfg.rl.eval_every == 0 and step != cfg.rl.steps and not out_of_time
+                    if (evaluate or step % cfg.rl.checkpoint_every == 0) and not self.finish_syncs():
+                        self.restore_learners(RuntimeError("a learner died while exporting its weights"))
+                        continue
+                    if evaluate:
+                        t = time.time()
+                        record["eval"] = self.evaluate()
+                        self.evals.append({"step": step, **record["eval"]})
+                        eval_s += time.time() - t
+                    if step % cfg.rl.checkpoint_every == 0:
+                        try:
+                            record["checkpoint"] = self.save(f"step_{step}")
+                        except LearnersDied as exc:  # (dead or stuck while saving)
+                            self.restore_learners(exc)
+                            continue
+                    done = step - first_step
+                    eta_s = (time.time() - rl_start) / max(done, 1) * (cfg.rl.steps - step)
+                    if cfg.rl.time_limit_s:
+                        eta_s = min(eta_s, max(0.0, cfg.rl.time_limit_s - (time.time() - rl_start - eval_s)))
+                    self.unwritten = functools.partial(self.write_step, metrics, scalars, record, eta_s)
+                    if evaluate or "checkpoint" in record or out_of_time:
+                        self.write_record()
+                    if out_of_time:
+                        print(
+                            f"[rl] rl.time_limit_s={cfg.rl.time_limit_s:g} reached after {step} steps",
+                            flush=True,
+                        )
+                        break
+                    self.sample_ahead()  # the next prompts while this step is recorded and evaluated
+            finally:  # the last step's record, also when the run stops with an error
+                self.write_record()
         return time.time() - rl_start - eval_s
+
+    def write_step(
+        self, metrics: TextIO, scalars: ScalarWriter, record: dict[str, Any], eta_s: float
+    ) -> None:
+        """A step's ``record``: a line of ``metrics``, TensorBoard scalars, the live metrics and the job log."""
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+        scalars.write(record["step"], record)
+        self.metrics.publish(record)
+        print(progress_line(record, self.cfg.rl.steps, eta_s), flush=True)
+        if "eval" in record:
+            print(
+                f"[rl] held-out accuracy at step {record['step']}: {record['eval']['accuracy']:.3f} "
+                f"({self.cfg.rl.eval_split}, n={record['eval']['n']})",
+                flush=True,
+            )
+
+    def write_record(self) -> None:
+        """Write the last step's record if it is not written yet. :meth:`step` calls it right
+        after sending the next update: on a small batch the writing (metrics.jsonl, TensorBoard,
+        live metrics, log line) is a tenth of a step, which the learner would otherwise wait out."""
+        write, self.unwritten = self.unwritten, None
+        if write is not None:
+            write()
 
     def finish(
         self,

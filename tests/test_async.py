@@ -45,6 +45,7 @@ def test_lag_is_bounded_and_every_group_is_learned_once(
     cfg = colour_run(small_config, colour_checkpoint, steps=6)
     cfg.rl.max_staleness = bound
     cfg.rollout.num_actors = 2
+    cfg.rollout.reference_logprobs = bound == 2  # the rollout scores the reference (tested in test_learner)
     summary = run(cfg)
     records = records_of(cfg)
     assert [r["step"] for r in records] == list(range(1, 7))

@@ -249,6 +249,12 @@ def test_vllm_lora_rank_must_cover_the_adapter():
     assert load_config(DEFAULT, ["model.lora_r=128", "rollout.vllm_max_lora_rank=64"]).model.lora_r == 128
 
 
+def test_only_the_hf_engine_scores_the_reference_on_the_rollout():
+    msg = _error(["rollout.engine=vllm", "rollout.reference_logprobs=true"])
+    assert "'rollout.reference_logprobs'" in msg and "= True" in msg and "'vllm'" in msg
+    assert load_config(DEFAULT, ["rollout.reference_logprobs=true"]).rollout.reference_logprobs
+
+
 @pytest.mark.parametrize("override", ["rl.steps", "rl.steps 10", "", "  "])
 def test_malformed_override_without_equals(override: str):
     msg = _error([override])

@@ -256,3 +256,54 @@ def test_the_learner_takes_the_rollouts_encoder_output_instead_of_decoding(
     assert reencoded["loss"] == pytest.approx(shipped["loss"], abs=1e-6)
     for key, value in learner.export_weights().tensors().items():
         torch.testing.assert_close(value, from_rollout[key], rtol=0, atol=1e-2 * cfg.learner.lr, msg=key)
+
+
+def test_the_learner_takes_the_rollouts_reference_logprobs(
+    small_config: Config, colour_checkpoint: Path
+) -> None:
+    """``rollout.reference_logprobs``: the rollout scores its answers under the reference (the
+    warm-start adapter, not the weights it now serves) as the learner's own reference pass does,
+    and a learner given them skips that pass and takes the same step."""
+    cfg = small_config
+    cfg.rl.prompts_per_step, cfg.rl.group_size = 4, 4
+    cfg.learner.lr, cfg.algo.kl_coef = 1e-2, 0.5
+    model = str(colour_checkpoint)
+    examples = load_jsonl(cfg.data.train)[:8]
+
+    def ranked(groups: list) -> list:
+        for g in groups:
+            g.ranks, g.rank_status = [float(r) for r in range(g.size)], "ok"
+        return groups
+
+    learners = [LearnerWorker(cfg, model) for _ in range(2)]
+    for learner in learners:
+        learner.setup()
+    first = ranked(RolloutWorker(cfg, model).rollout(examples[:4], step=1))
+    assert all(g.ref_logprobs is None for g in first)  # off by default
+    for learner in learners:
+        learner.train_step(first)  # the policy moves away from the reference
+    cfg.rollout.reference_logprobs = True
+    rollout = RolloutWorker(cfg, model)
+    rollout.update_weights(1, learners[0].export_weights())
+    groups = ranked(rollout.rollout(examples[4:], step=2))
+    rows, _ = build_rows(groups, cfg)
+    ref, mask, _ = learners[0].policy.answer_logprobs(
+        None, reference=True, **learners[0]._policy_inputs(split_groups(rows))
+    )
+    shipped = _pad([r.ref_logprobs for r in rows], ref.shape[1], ref.device)
+    torch.testing.assert_close(shipped, ref, rtol=0, atol=1e-5)
+    behaviour = _pad([r.old_logprobs for r in rows], ref.shape[1], ref.device)
+    assert ((behaviour - shipped).abs() * mask).max() > 1e-3, "the reference is the served policy"
+
+    passes = []
+    reference_mode = learners[0].policy.reference_mode
+    learners[0].policy.reference_mode = lambda: passes.append(1) or reference_mode()
+    with_ref = learners[0].train_step(groups)
+    assert not passes, "the learner ran its reference pass on groups that brought their own"
+    without = learners[1].train_step([dataclasses.replace(g, ref_logprobs=None) for g in groups])
+    assert with_ref["kl"] > 1e-4
+    for key in ("loss", "kl"):
+        assert with_ref[key] == pytest.approx(without[key], abs=1e-5), key
+    after = learners[1].export_weights().tensors()
+    for key, value in learners[0].export_weights().tensors().items():
+        torch.testing.assert_close(value, after[key], rtol=0, atol=1e-2 * cfg.learner.lr, msg=key)

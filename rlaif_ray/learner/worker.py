@@ -63,6 +63,8 @@ class TrainRow:
     group_id: str = ""  # the rows of one group follow one another and share its prompt
     # The frozen encoder's output for ``video`` from the rollout (Group.visual_features), if sent.
     visual_features: Any = None
+    # Per-token log-probs under the reference policy, from the rollout (Group.ref_logprobs), if sent.
+    ref_logprobs: list[float] | None = None
 
 
 def group_advantages(groups: list[Group], cfg: Config) -> list[list[float]]:
@@ -106,7 +108,8 @@ def build_rows(groups: list[Group], cfg: Config) -> tuple[list[TrainRow], dict[s
         if cfg.algo.skip_tied_groups and all(a == 0.0 for a in adv):
             skipped_tied += 1
             continue
-        for ids, logp, a in zip(group.completion_ids, group.logprobs, adv, strict=True):
+        refs = group.ref_logprobs or [None] * group.size
+        for ids, logp, a, ref in zip(group.completion_ids, group.logprobs, adv, refs, strict=True):
             rows.append(
                 TrainRow(
                     group.video,
@@ -117,6 +120,7 @@ def build_rows(groups: list[Group], cfg: Config) -> tuple[list[TrainRow], dict[s
                     group.weight_version,
                     group.group_id,
                     group.visual_features,
+                    ref,
                 )
             )
     flat = [a for adv in advantages for a in adv]
@@ -169,6 +173,7 @@ class LearnerWorker:
         self.version = 0
         self.batch_has_video = False  # whether any row of the current update has a video
         self.batch_encodes = False  # whether any row of it has a video to encode here
+        self.batch_scores_reference = False  # whether the learner runs the reference pass in it
 
     def __repr__(self) -> str:
         # Ray reads it once, after __init__, for the dashboard's Actors view and the log prefix: only
@@ -256,6 +261,8 @@ class LearnerWorker:
         rows = usable
         self.batch_has_video = any(r.video is not None for r in rows)
         self.batch_encodes = any(r.video is not None and r.visual_features is None for r in rows)
+        # Decided for the whole update, alike on every rank (ZeRO-3: every rank runs the same passes).
+        self.batch_scores_reference = self.cfg.algo.kl_coef > 0 and any(r.ref_logprobs is None for r in rows)
         stats["rows"] = float(len(rows))
         # Whole groups go to each learner and micro-batch: a group's answers share its prompt.
         groups_of_rows = split_groups(rows)
@@ -347,10 +354,12 @@ class LearnerWorker:
         logprobs, mask, entropy = self.engine(None, with_entropy=algo.entropy_coef > 0, **inputs)
         if off_policy and prox is None:
             prox = logprobs.detach()
-        ref = None
-        if algo.kl_coef > 0:
-            ref, _, _ = self.policy.answer_logprobs(None, reference=True, **inputs)
         width = logprobs.shape[1]
+        ref = None
+        if self.batch_scores_reference:
+            ref, _, _ = self.policy.answer_logprobs(None, reference=True, **inputs)
+        elif algo.kl_coef > 0:  # every row came with its reference log-probs from the rollout
+            ref = _pad([r.ref_logprobs for r in rows], width, logprobs.device)
         behaviour = _pad([r.old_logprobs for r in rows], width, logprobs.device)
         advantages = torch.tensor([r.advantage for r in rows], device=logprobs.device)
         loss, stats = grpo_loss(

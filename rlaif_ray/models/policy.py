@@ -118,6 +118,8 @@ class Samples:
     texts: list[str]
     # Per prompt, the frozen encoder's output for its video [N, D] on the CPU (None: text-only).
     visual_features: list[torch.Tensor | None] | None = None
+    # Per row, the answer's log-probs under the reference policy (None: not scored here).
+    ref_logprobs: list[list[float]] | None = None
 
 
 def spatio_temporal_pool(tokens: torch.Tensor) -> torch.Tensor:
@@ -725,9 +727,13 @@ class VideoLMPolicy(VideoInputs):
         top_p: float,
         max_new_tokens: int,
         greedy: bool = False,
+        score_reference: bool = False,
     ) -> Samples:
         """:meth:`sample` from decoded uint8 frames (None for a text-only question) and question
-        texts; the samples carry each prompt's frozen-encoder features."""
+        texts; the samples carry each prompt's frozen-encoder features. With ``score_reference``
+        they also carry each answer's log-probs under the reference policy (:meth:`answer_logprobs`
+        with ``reference=True``, each prompt run once for its group), which a learner then needs
+        not compute."""
         pixels = self.pixels(frames)
         features = None if pixels is None else self.visual_features(pixels)
         prompts = [self.prompt_ids(q, video=f is not None) for f, q in zip(frames, questions, strict=True)]
@@ -735,6 +741,19 @@ class VideoLMPolicy(VideoInputs):
             None, prompts, group_size, temperature, top_p, max_new_tokens, greedy=greedy, features=features
         )
         samples.visual_features = per_prompt(frames, features)
+        if score_reference:
+            ref, _, _ = self.answer_logprobs(
+                None,
+                prompts,
+                samples.token_ids,
+                temperature=temperature,
+                reference=True,
+                features=features,
+                group_sizes=[group_size] * len(prompts),
+            )
+            samples.ref_logprobs = [
+                row[: len(ids)] for row, ids in zip(ref.tolist(), samples.token_ids, strict=True)
+            ]
         return samples
 
 

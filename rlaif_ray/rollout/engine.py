@@ -9,12 +9,13 @@ Both take decoded frames and questions and return :class:`~rlaif_ray.models.poli
 from __future__ import annotations
 
 import abc
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from rlaif_ray.config import Config
-from rlaif_ray.models.policy import Samples, VideoLMPolicy
+from rlaif_ray.models.policy import ADAPTER_DIR, Samples, VideoLMPolicy
 from rlaif_ray.registry import ROLLOUT_ENGINES
 
 
@@ -57,6 +58,11 @@ class HFEngine(RolloutEngine):
     def __init__(self, cfg: Config, model_dir: str) -> None:
         self.cfg = cfg
         self.policy = VideoLMPolicy.from_folder(model_dir, cfg.model, seed=cfg.seed)
+        # rollout.reference_logprobs: this engine scores the KL penalty's reference, which is the
+        # warm-start adapter when there is one, as on the learner (LearnerWorker.setup).
+        self.scores_reference = cfg.rollout.reference_logprobs and cfg.algo.kl_coef > 0
+        if self.scores_reference and (Path(model_dir) / ADAPTER_DIR).is_dir():
+            self.policy.freeze_reference()
         self.policy.to(torch_device()).eval()
         self.image_size = self.policy.image_size
         self.version = 0
@@ -66,7 +72,14 @@ class HFEngine(RolloutEngine):
     ) -> Samples:
         r = self.cfg.rollout
         return self.policy.sample_frames(
-            frames, questions, group_size, r.temperature, r.top_p, r.max_new_tokens, greedy=greedy
+            frames,
+            questions,
+            group_size,
+            r.temperature,
+            r.top_p,
+            r.max_new_tokens,
+            greedy=greedy,
+            score_reference=self.scores_reference and not greedy,
         )
 
     def load_weights(self, version: int, state: dict[str, torch.Tensor], immutable: bool = False) -> None:

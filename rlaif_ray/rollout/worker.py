@@ -95,6 +95,7 @@ class RolloutWorker:
                     visual_features=None
                     if self.cfg.learner.reencode_videos or samples.visual_features is None
                     else samples.visual_features[i],
+                    ref_logprobs=None if samples.ref_logprobs is None else samples.ref_logprobs[rows],
                 )
             )
         self.groups_sampled += len(groups)
