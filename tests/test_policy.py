@@ -22,6 +22,7 @@ from rlaif_ray.models.policy import (
     PROJECTOR_FILE,
     REFERENCE_ADAPTER,
     VideoLMPolicy,
+    nucleus_sample,
     spatio_temporal_motion_pool,
     spatio_temporal_pool,
 )
@@ -552,3 +553,13 @@ def test_load_trainable_state_dict_rejects_mismatching_names(policy: VideoLMPoli
     with pytest.raises(KeyError):
         policy.load_trainable_state_dict({})
     torch.testing.assert_close(logprobs(policy), before, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(("top_p", "allowed"), [(0.5, {0}), (0.8, {0, 1}), (1.0, {0, 1, 2})])
+def test_nucleus_sample_draws_from_the_smallest_set_that_reaches_top_p(top_p: float, allowed: set) -> None:
+    torch.manual_seed(0)
+    logp = torch.tensor([[0.6, 0.3, 0.1]]).log().expand(4000, -1)
+    drawn = nucleus_sample(logp, top_p)
+    assert set(drawn.tolist()) == allowed
+    if allowed == {0, 1}:  # renormalised within the set: 2 to 1
+        assert (drawn == 0).float().mean().item() == pytest.approx(2 / 3, abs=0.03)

@@ -242,7 +242,8 @@ class LearnerWorker:
 
     def _train_step(self, groups: list[Group]) -> dict[str, float]:
         start = time.time()
-        self.engine.eval()
+        if self.policy.training:  # eval() walks every module (a few ms a step on a small batch)
+            self.engine.eval()
         rows, stats = build_rows(groups, self.cfg)
         # Rows whose video the learner must decode but cannot are dropped and counted (the store
         # warns once per video and counts it by reason); rows that bring their encoder features
