@@ -1,6 +1,6 @@
 """Answers per second of our whole loop vs TRL's ``GRPOTrainer`` on the same tiny text-only task.
 
-    python bench/throughput.py [key=value ...] [--batches 8 64 256] [--steps 20 12 6]
+    python bench/throughput.py [key=value ...] [--batches 8 64 256] [--steps 60 24 8]
         [--group-size 4] [--staleness 0 1] [--threads 1 2] [--async-threads 1] [--warmup 1]
         [--pin ROLLOUT_CORE LEARNER_CORE] [--seed 0] [--quick] [--name NAME]
 
@@ -495,7 +495,7 @@ def parse_args() -> argparse.Namespace:
         "--steps",
         type=int,
         nargs="+",
-        default=[20, 12, 6],
+        default=[60, 24, 8],
         help="measured updates per arm, one per --batches",
     )
     parser.add_argument("--warmup", type=int, default=1, help="updates per arm not measured (>= 1)")

@@ -237,13 +237,17 @@ class ScalarWriter:
     """TensorBoard event files in ``folder``: :meth:`write` adds a record's numbers at a step."""
 
     def __init__(self, folder: str | Path) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.writer import FileWriter
 
-        self._writer = SummaryWriter(log_dir=str(folder))
+        self._writer = FileWriter(str(folder))
 
     def write(self, step: int, record: dict[str, Any]) -> None:
-        for tag, value in flat_scalars(record).items():
-            self._writer.add_scalar(tag, value, step)
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        # One event holding every scalar of the record: an event per scalar cost the driver about
+        # 3.5 ms a step (74 scalars), a tenth of a small step.
+        values = [Summary.Value(tag=tag, simple_value=value) for tag, value in flat_scalars(record).items()]
+        self._writer.add_summary(Summary(value=values), step)
         self._writer.flush()
 
     def close(self) -> None:
