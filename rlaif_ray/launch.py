@@ -814,8 +814,8 @@ class Trainer:
 
     def write_record(self) -> None:
         """Write the last step's record if it is not written yet. :meth:`step` calls it right
-        after sending the next update: on a small batch the writing (metrics.jsonl, TensorBoard,
-        live metrics, log line) is a tenth of a step, which the learner would otherwise wait out."""
+        after sending the next update, so that the learner does not wait while the driver writes
+        (metrics.jsonl, TensorBoard, live metrics, log line: a noticeable share of a small step)."""
         write, self.unwritten = self.unwritten, None
         if write is not None:
             write()

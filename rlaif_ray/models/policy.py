@@ -369,7 +369,7 @@ class VideoLMPolicy(VideoInputs):
 
     def _trainable_parameters(self) -> dict[str, nn.Parameter]:
         """The parameters :meth:`trainable_tensors` names, found once: walking every parameter
-        of the LM by name on each weight version was a tenth of a small rollout actor's time."""
+        of the LM by name on each weight version showed in a small rollout actor's profile."""
         if self._trainable_cache is None:
             found = {f"projector.{k}": v for k, v in self.projector.named_parameters()}
             for name, param in self.lm.named_parameters():
@@ -696,8 +696,8 @@ class VideoLMPolicy(VideoInputs):
         embed = self.lm.get_input_embeddings()
         finished = torch.zeros(len(mask), dtype=torch.bool, device=mask.device)
         tokens, token_logps = [], []
-        # A plain decoding loop rather than ``generate``, whose set-up per call cost more than the
-        # model itself on short answers (2/3 of a sampling call on the benchmark task).
+        # A plain decoding loop rather than ``generate``, whose set-up per call weighs on short
+        # answers from a small model (docs/BENCHMARKS.md, the throughput against TRL).
         for step in range(max_new_tokens):
             logp = torch.log_softmax(logits.float() / (1.0 if greedy else temperature), dim=-1)
             token = logp.argmax(-1) if greedy else nucleus_sample(logp, top_p)
