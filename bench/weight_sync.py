@@ -128,9 +128,10 @@ class LoraStandIn(nn.Module):
     """The trainable part of a LoRA policy without its base model: ``lm`` holds a ``LoraPair`` at
     every peft module path, ``projector`` is empty. It loads and exports with the policy's own
     ``trainable_tensors`` / ``trainable_state_dict`` / ``load_trainable_state_dict`` (the
-    functions, not copies)."""
+    functions, not copies, with the lookup they share)."""
 
     trainable_tensors = VideoLMPolicy.trainable_tensors
+    _trainable_parameters = VideoLMPolicy._trainable_parameters
     trainable_state_dict = VideoLMPolicy.trainable_state_dict
     load_trainable_state_dict = VideoLMPolicy.load_trainable_state_dict
     shares_weights = VideoLMPolicy.shares_weights
@@ -139,6 +140,7 @@ class LoraStandIn(nn.Module):
         super().__init__()
         self.lm = nn.Module()
         self.projector = nn.Module()
+        self._trainable_cache = None
         for path, (n_in, n_out) in lora_shapes(layers, LLAMA_7B["hidden"], LLAMA_7B["mlp"]).items():
             parent = self.lm
             *parents, leaf = path.split(".")
