@@ -755,8 +755,7 @@ class Trainer:
         with metrics_path.open("a") as metrics:
             try:
                 while self.step_no < cfg.rl.steps:
-                    record = self.step()
-                    self.write_record()  # when the step ended before sending an update
+                    record = self.step()  # (it wrote the previous step's record, or a restore did)
                     if record is None:  # learners restored: the loop goes on from the checkpoint's step
                         continue
                     step = record["step"]
