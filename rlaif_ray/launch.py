@@ -253,7 +253,7 @@ class Trainer:
         self.sampling_version: dict[Any, int] = {}  # rollout ref -> the version it samples with
         # (rollout actor index or -1 for a learner, ref, deadline): the calls a new version waits for
         self.syncs: list[tuple[int, Any, float]] = []
-        self.due: dict[Any, float] = {}  # sampling request or learner update -> its deadline
+        self.due: dict[Any, float] = {}  # sampling request, learner update or export -> its deadline
         self.sent = [0] * len(self.rollouts)  # the weight version last sent to each rollout actor
         self.deferred: list[tuple[int, int, list[Any]]] = []  # draws to ask again after a restore
         self.incarnations = ray.get([actor.incarnation.remote() for actor in self.rollouts])
@@ -314,9 +314,9 @@ class Trainer:
         )
         log.warning("%s: killed, Ray restarts it", exc)
         kill_for_certain(self.rollouts[index], self.rollouts_where[index], no_restart=False)
-        for ref, (_, i, _) in self.sampling.items():  # they fail with it: no deadline of theirs left
-            if i == index:
-                self.due.pop(ref, None)
+        # Its requests fail with it, or (those Ray had not sent it yet) go to the restarted actor:
+        # their deadlines start again.
+        self.retrack([ref for ref, (_, i, _) in self.sampling.items() if i == index])
         return exc
 
     def stuck_learners(self, what: str) -> ActorStuck:
@@ -328,14 +328,25 @@ class Trainer:
         log.warning("%s: killed, restoring them", exc)
         for learner, where in zip(self.learners, self.learners_where, strict=True):
             kill_for_certain(learner, where)
-        for ref in [r for r in self.due if r not in self.sampling]:  # the updates fail with them
-            del self.due[ref]
+        self.forget_learner_calls()  # (they fail with them)
+        # The sampling requests may have waited for the weights the learners were exporting.
+        self.retrack(list(self.sampling))
         return exc
 
     def track(self, ref: Any) -> Any:
-        """Give the call ``ref`` (a sampling request or a learner update) its deadline."""
+        """Give the call ``ref`` (a sampling request, a learner update or export) its deadline."""
         self.due[ref] = time.monotonic() + self.cfg.rl.actor_timeout_s
         return ref
+
+    def retrack(self, refs: list[Any]) -> None:
+        """Give the calls ``refs`` a new deadline."""
+        for ref in refs:
+            self.track(ref)
+
+    def forget_learner_calls(self) -> None:
+        """Drop the deadlines of the learners' calls (those of learners that are gone)."""
+        for ref in [r for r in self.due if r not in self.sampling]:
+            del self.due[ref]
 
     def seconds_to_due(self) -> float | None:
         """Seconds until the first tracked call is due (0: one is past it), None if none is tracked."""
@@ -343,19 +354,29 @@ class Trainer:
 
     def kill_stuck(self) -> None:
         """Kill the actors of the tracked calls past their deadline and the stuck ranker actors: their
-        calls then fail, and the paths for a dead actor restart or replace them and ask again."""
+        calls then fail, and the paths for a dead actor restart or replace them and ask again.
+
+        The learners are judged first: a rollout actor's sampling request waits behind the loading
+        of the newest weights, which waits for the learners' export of them."""
         now = time.monotonic()
         expired = [ref for ref, due in self.due.items() if now > due]
-        if expired:  # (a call that has finished, or failed, is handled as it comes)
-            ready, _ = ray.wait(expired, num_returns=len(expired), timeout=0, fetch_local=False)
-            for ref in expired:
-                if self.due.pop(ref, None) is None or ref in ready:
-                    continue
-                if ref in self.sampling:
+        if not expired:
+            self.pool.kill_stuck()
+            return
+        ready, _ = ray.wait(expired, num_returns=len(expired), timeout=0, fetch_local=False)
+        for ref in ready:  # (a call that has finished, or failed, is handled as it comes)
+            del self.due[ref]
+        stuck = [ref for ref in expired if ref not in ready]
+        learner_calls = [ref for ref in stuck if ref not in self.sampling]
+        if learner_calls:
+            exports = {ref for index, ref, _ in self.syncs if index < 0}
+            what = f"the export of version {self.version}" if learner_calls[0] in exports else "an update"
+            self.stuck_learners(what)
+        else:
+            for ref in stuck:
+                if ref in self.due and self.due[ref] < now:  # (not given a new deadline just now)
                     draw, index, _ = self.sampling[ref]
                     self.stuck_rollout(index, f"its sampling request {draw}")
-                else:
-                    self.stuck_learners("an update")
         self.pool.kill_stuck()
 
     def in_pipeline(self) -> int:
@@ -461,9 +482,9 @@ class Trainer:
     def sync_weights(self) -> None:
         """Learner 0's weights -> object store (one copy) -> every rollout actor, ahead of its next
         sampling request. Every learner takes part in the export (a collective under ZeRO-3)."""
-        exports = [learner.export_weights.remote() for learner in self.learners]
+        exports = [self.track(learner.export_weights.remote()) for learner in self.learners]
         self.state_ref = exports[0]
-        due = time.monotonic() + self.cfg.rl.actor_timeout_s
+        due = self.due[exports[0]]
         # The exports first: a stuck learner must not pass for a stuck rollout actor.
         self.syncs = [(-1, ref, due) for ref in exports] + [
             (i, actor.update_weights.remote(self.version, self.state_ref), due)
@@ -477,6 +498,7 @@ class Trainer:
         failed."""
         while self.syncs:
             index, ref, due = self.syncs.pop(0)
+            self.due.pop(ref, None)
             try:
                 # (learner 0's export is the weights: waited for here, not fetched; its errors
                 # reach the rollout actors' calls)
@@ -618,6 +640,7 @@ class Trainer:
         self.updates_left = self.cfg.rl.steps - self.step_no
         self.version = new_version
         self.syncs = []
+        self.forget_learner_calls()  # (the replaced learners' exports)
         self.sync_weights()
         for draw, index, examples in self.deferred:
             self.resample(draw, index, examples)

@@ -59,27 +59,56 @@ def alive(pid: int) -> bool:
 
 
 def stop_when(
-    cfg: Config, steps_done: int, name: str, stopped: list[int], gone: list[int]
+    cfg: Config, steps_done: int, name: str, stopped: list[int], gone: list[int], after_update: bool = False
 ) -> threading.Thread:
     """A thread that stops (SIGSTOP) the named actor's process once the run's ``metrics.jsonl``
     holds ``steps_done`` records: alive but answering nothing, as a wedged judge client or a
-    deadlocked call leaves it. The process id goes into ``stopped``; once the process is gone, the
-    number of records then goes into ``gone``."""
+    deadlocked call leaves it. With ``after_update`` (a learner) a thread in the actor stops it the
+    moment its next update that raises the weight version has returned, so that what the driver
+    asks next, the export of the new weights that the rollout actors wait for, never runs. The
+    process id goes into ``stopped``; once the process is gone, the number of records then goes
+    into ``gone``."""
     metrics = Path(cfg.run_dir) / "metrics.jsonl"
+    pid_file = Path(cfg.run_dir).parent / f"{name}.pid"
 
     def records() -> int:
         return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
 
+    def stop_after_update(learner: Any) -> None:  # (runs in the learner actor)
+        def in_update() -> bool:
+            frames = list(sys._current_frames().values())
+            while frames:
+                frame = frames.pop()
+                if frame.f_code.co_name == "train_step":
+                    return True
+                frames += [frame.f_back] if frame.f_back else []
+            return False
+
+        def watch_version(version: int) -> None:
+            while learner.version == version or in_update():  # (until that update has returned)
+                time.sleep(0.001)
+            pid_file.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+        threading.Thread(target=watch_version, args=(learner.version,), daemon=True).start()
+
     def watch() -> None:
         deadline = time.time() + 600
+        asked = False
         while time.time() < deadline and not stopped:
             if not ray.is_initialized() and metrics.is_file():
                 return
-            if records() >= steps_done:
+            if asked and pid_file.is_file():
+                stopped.append(int(pid_file.read_text()))
+            elif records() >= steps_done and not asked:
                 actor = ray.get_actor(name)
-                pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
-                os.kill(pid, signal.SIGSTOP)
-                stopped.append(pid)
+                if after_update:
+                    ray.get(actor.__ray_call__.remote(stop_after_update))
+                    asked = True
+                else:
+                    pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped.append(pid)
             time.sleep(0.05)
         while stopped and time.time() < deadline:
             if not alive(stopped[0]):
@@ -99,7 +128,9 @@ def test_a_stopped_actor_is_killed_at_its_deadline_and_the_run_finishes(
     """A ranker, rollout or learner actor stopped mid-run answers nothing: after
     ``rl.actor_timeout_s`` (plus the ranker's per-group deadline for a ranker) the driver kills its
     process, it is replaced, restarted or (the learners) restored, its work is asked again, and
-    every step is learned, within a bound, with every group accounted."""
+    every step is learned, within a bound, with every group accounted. The learner stops the moment
+    an update that raised its version has returned, so that the export of its weights hangs and
+    the rollout actors' next requests wait for them: the learner is blamed, not the rollout actors."""
     cfg = colour_run(small_config, colour_checkpoint, steps=5)
     cfg.rl.actor_timeout_s, cfg.ranker.group_deadline_s = 15.0, 5.0
     cfg.ranker.min_actors = cfg.ranker.max_actors = 1
@@ -107,7 +138,7 @@ def test_a_stopped_actor_is_killed_at_its_deadline_and_the_run_finishes(
     name = {"ranker": "ranker-0", "rollout": "rollout-1", "learner": "learner-0"}[role]
     stopped: list[int] = []
     gone: list[int] = []
-    stopper = stop_when(cfg, 2, name, stopped, gone)
+    stopper = stop_when(cfg, 2, name, stopped, gone, after_update=role == "learner")
     started = time.time()
     try:
         summary = run(cfg)
