@@ -274,6 +274,11 @@ class LearnerConfig:
     cpu_cores: list[int] = field(default_factory=list)
     zero_stage: int = 2
     lr: float = 1e-4
+    # The learning rate rises linearly to ``lr`` over this many optimizer steps (one per update
+    # and pass over its batch, see epochs_per_batch), 0: none. The first steps then move the
+    # weights less, so the groups sampled ahead by the old weights (rl.max_staleness > 0) stay
+    # closer to the learner's policy. Restored with the optimizer from a checkpoint.
+    warmup_steps: int = 0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch_size: int = 64
@@ -430,6 +435,7 @@ def validate(cfg: Config) -> Config:
         ("sft.steps", cfg.sft.steps),
         ("sft.weight_decay", cfg.sft.weight_decay),
         ("sft.warmup_steps", cfg.sft.warmup_steps),
+        ("learner.warmup_steps", cfg.learner.warmup_steps),
         ("sft.grad_clip", cfg.sft.grad_clip),
         ("sft.time_limit_s", cfg.sft.time_limit_s),
         ("model.lora_dropout", cfg.model.lora_dropout),

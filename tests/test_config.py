@@ -190,6 +190,7 @@ def test_wrong_type_names_key_value_and_expectation(override: str, key: str, val
         ("rollout.top_p=0.9", "rollout.top_p", "0.9", "nucleus"),
         ("rollout.top_p=1.5", "rollout.top_p", "1.5", "1.0"),
         ("learner.zero3_persistence_threshold=-1", "learner.zero3_persistence_threshold", "-1", ">= 0"),
+        ("learner.warmup_steps=-2", "learner.warmup_steps", "-2", ">= 0"),
         ("rollout.temperature=0", "rollout.temperature", "0", "> 0"),
         ("ranker.max_actors=0", "ranker.max_actors", "0", ">= 1"),
         ("sft.zero_stage=5", "sft.zero_stage", "5", "ZeRO stage"),

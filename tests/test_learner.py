@@ -186,6 +186,26 @@ def test_learner_scores_without_dropout(small_config: Config) -> None:
     assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
 
 
+def test_the_learning_rate_warms_up_and_a_restored_learner_goes_on_with_it(
+    small_config: Config, tmp_path: Path
+) -> None:
+    """``learner.warmup_steps=4``: the updates run at lr/4, lr/2, 3 lr/4, then lr; a learner restored
+    from a checkpoint taken after 2 updates runs its next one at 3 lr/4 again."""
+    cfg = small_config
+    cfg.learner.lr, cfg.learner.warmup_steps = 1e-3, 4
+    groups = RolloutWorker(cfg, cfg.model.path).rollout(load_jsonl(cfg.data.train)[:2], step=1)
+    for g in groups:
+        g.ranks, g.rank_status = [float(i) for i in range(g.size)], "ok"
+    learner = LearnerWorker(cfg, cfg.model.path)
+    learner.setup()
+    lrs = [learner.train_step(groups)["lr"] for _ in range(2)]
+    learner.save_state(str(tmp_path / "checkpoint"))
+    lrs += [learner.train_step(groups)["lr"] for _ in range(3)]
+    assert lrs == pytest.approx([lr * cfg.learner.lr for lr in (0.25, 0.5, 0.75, 1.0, 1.0)])
+    learner.load_state(str(tmp_path / "checkpoint"))
+    assert learner.train_step(groups)["lr"] == pytest.approx(0.75 * cfg.learner.lr)
+
+
 def test_pi_prox_of_stale_groups_is_the_learners_policy_before_the_step(small_config: Config) -> None:
     """Groups sampled one version behind: the importance weights ``min(pi_prox / mu, cap)`` the
     loss reports, in both of 2 epochs, are those of the learner's own log-probs before the step

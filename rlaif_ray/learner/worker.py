@@ -208,6 +208,7 @@ class LearnerWorker:
         self.engine = build_engine(
             self.policy,
             lr=lc.lr,
+            warmup_steps=lc.warmup_steps,
             weight_decay=lc.weight_decay,
             zero_stage=lc.zero_stage,
             grad_clip=lc.grad_clip,
@@ -289,6 +290,7 @@ class LearnerWorker:
         stats.update({"lag_max": float(max(lags)), "lag_mean": sum(lags) / len(lags)})
         optimizer = self.engine.basic_optimizer
         applied_before = optimizer.applied
+        lr = self.engine.get_lr()[0]  # (this update's first optimizer step's, during a warm-up)
         for _ in range(self.cfg.learner.epochs_per_batch):
             optimizer.skip_next = False  # DeepSpeed may have skipped the last step without calling it
             for i, chunk in enumerate(chunks):
@@ -318,7 +320,7 @@ class LearnerWorker:
                 "skipped_step": 0.0,
                 "learn_s": time.time() - start,
                 "version": float(self.version),
-                "lr": self.engine.get_lr()[0],
+                "lr": lr,
                 "grad_norm": float(grad_norm) if grad_norm is not None else -1.0,
             }
         )
