@@ -358,10 +358,10 @@ class Trainer:
 
         The learners are judged first: a rollout actor's sampling request waits behind the loading
         of the newest weights, which waits for the learners' export of them."""
+        self.pool.kill_stuck()
         now = time.monotonic()
         expired = [ref for ref, due in self.due.items() if now > due]
         if not expired:
-            self.pool.kill_stuck()
             return
         ready, _ = ray.wait(expired, num_returns=len(expired), timeout=0, fetch_local=False)
         for ref in ready:  # (a call that has finished, or failed, is handled as it comes)
@@ -377,7 +377,6 @@ class Trainer:
                 if ref in self.due and self.due[ref] < now:  # (not given a new deadline just now)
                     draw, index, _ = self.sampling[ref]
                     self.stuck_rollout(index, f"its sampling request {draw}")
-        self.pool.kill_stuck()
 
     def in_pipeline(self) -> int:
         """Groups asked of the rollout actors, being ranked, ranked and waiting, or being learned."""
